@@ -1,0 +1,224 @@
+"""Find, load and save model folders in Hugging Face format, safely.
+
+Resolution: a local folder; else a hub id (optional revision) through `huggingface_hub`.
+Loading: `model.safetensors`, sharded safetensors (`model.safetensors.index.json`), or
+`pytorch_model.bin` (+ index) read with `torch.load(weights_only=True)`; nothing from the folder is
+ever executed or unpickled. Tensors are cast one at a time into a model built on the meta device,
+so choosing bf16 never materializes an fp32 copy. Saving writes every file atomically.
+
+    model = load_model(resolve("skt/kogpt2-base-v2"), dtype=torch.bfloat16)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import GPTConfig
+from .convert import ConversionError, config_from_hf, config_to_hf, dtype_from_hf, state_dict_from_hf, state_dict_to_hf
+from .model import GPT
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_FILE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+_HUB_METADATA = ["*.json", "*.txt", "*.model"]
+
+
+class CheckpointError(Exception):
+    """A model cannot be found or read; the message names the file and what to do."""
+
+
+# -- resolving a name -------------------------------------------------------------------------
+def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder for `name_or_path`: the folder itself, or a hub snapshot (downloaded once)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the model folder that holds config.json")
+    name = str(name_or_path)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")) or not all(name.split("/")):
+        raise CheckpointError(f"model folder not found: {name}")
+    return _download(name, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision,
+                                        allow_patterns=_HUB_METADATA + ["*.safetensors"]))
+        if not any(folder.glob("*.safetensors")):  # older repos ship only pickled weights
+            folder = Path(snapshot_download(repo_id, revision=revision,
+                                            allow_patterns=_HUB_METADATA + ["pytorch_model*.bin"]))
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise CheckpointError(f"{where} is not a model on the Hugging Face hub ({type(e).__name__})") from None
+    except HFValidationError:
+        raise CheckpointError(f"model folder not found, and {repo_id!r} is not a valid hub id") from None
+    except Exception as e:  # offline: connection errors, LocalEntryNotFoundError, ...
+        rev = f" --revision {revision}" if revision else ""
+        raise CheckpointError(
+            f"cannot download {where} from the Hugging Face hub ({type(e).__name__}); on a machine with "
+            f"internet run `hf download {repo_id}{rev} --local-dir DIR`, copy DIR here and pass it as the model"
+        ) from None
+    return folder
+
+
+# -- reading ----------------------------------------------------------------------------------
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return d
+
+
+def load_config(folder: str | os.PathLike, raw: dict | None = None) -> GPTConfig:
+    """GPTConfig of a model folder (from its config.json, or `raw` already read from it)."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        return config_from_hf(read_json(path) if raw is None else raw)
+    except (ConversionError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _weight_files(folder: Path) -> tuple[list[Path], str]:
+    """The weight files of a folder, safetensors first, and their kind."""
+    for index, kind in ((SAFETENSORS_INDEX, "safetensors"), (BIN_INDEX, "bin")):
+        if (folder / index).exists():
+            weight_map = read_json(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{folder / index} has no weight_map")
+            files = [folder / f for f in dict.fromkeys(weight_map.values())]
+            for f in files:
+                if not f.exists():
+                    raise CheckpointError(f"{f} is missing (listed in {folder / index})")
+            return files, kind
+    if (folder / SAFETENSORS_FILE).exists():
+        return [folder / SAFETENSORS_FILE], "safetensors"
+    if (folder / BIN_FILE).exists():
+        return [folder / BIN_FILE], "bin"
+    raise CheckpointError(f"no weights in {folder}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or {BIN_FILE}")
+
+
+def _checkpoint_dtype(tensors: dict[str, object], get) -> torch.dtype:
+    for name in tensors:
+        if name.endswith("wte.weight"):
+            return get(name).dtype
+    return torch.float32
+
+
+def load_model(folder: str | os.PathLike, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> GPT:
+    """A GPT in eval mode from an HF-format folder; dtype defaults to the checkpoint's."""
+    folder = Path(folder)
+    raw = read_json(folder / CONFIG_FILE)
+    config = load_config(folder, raw)
+    files, kind = _weight_files(folder)
+    with ExitStack() as stack:
+        where: dict[str, tuple[Path, object]] = {}
+        for f in files:
+            handle = _open_safetensors(f, stack) if kind == "safetensors" else _load_bin(f)
+            for name in handle.keys():
+                where[name] = (f, handle)
+
+        def get(name: str) -> torch.Tensor:
+            f, handle = where[name]
+            try:
+                return handle.get_tensor(name) if kind == "safetensors" else handle[name]
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from None
+
+        if dtype is None:
+            dtype = dtype_from_hf(raw) or _checkpoint_dtype(where, get)
+        try:
+            sd = state_dict_from_hf(get, where.keys(), config, dtype)
+        except ConversionError as e:
+            raise CheckpointError(f"{folder}: {e}") from None
+    return build_model(config, sd, device)
+
+
+def build_model(config: GPTConfig, state_dict: dict[str, torch.Tensor], device="cpu") -> GPT:
+    """A GPT holding exactly these tensors (no random init, no extra copy)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    expected = {n for n, _ in model.named_parameters()}
+    missing = expected - state_dict.keys()
+    if missing:
+        raise CheckpointError(f"state dict lacks {sorted(missing)[:3]}")
+    for name, t in state_dict.items():
+        want = model.get_parameter(name).shape
+        if t.shape != want:
+            raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the config needs {tuple(want)}")
+    model.load_state_dict(state_dict, strict=False, assign=True)
+    model.tie_weights()
+    return model.to(device).eval()
+
+
+def _open_safetensors(path: Path, stack: ExitStack):
+    try:
+        return stack.enter_context(safe_open(str(path), framework="pt"))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only: tensors and plain containers only, never arbitrary pickled code
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (pre-zip) files cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+    return sd
+
+
+# -- writing ----------------------------------------------------------------------------------
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) and move the result over `path` only once it is complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, d: dict) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+
+
+def save_model(model: GPT, folder: str | os.PathLike) -> None:
+    """Write config.json and model.safetensors in HF format (transformers loads the folder)."""
+    folder = Path(folder)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    hf = state_dict_to_hf(sd, model.config)
+    dtype = model.wte.weight.dtype
+    atomic_write(folder / SAFETENSORS_FILE, lambda p: save_file(hf, str(p), metadata={"format": "pt"}))
+    write_json(folder / CONFIG_FILE, config_to_hf(model.config, dtype))

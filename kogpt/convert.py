@@ -1,0 +1,175 @@
+"""The only module that knows Hugging Face names: config.json keys and parameter names, both ways.
+
+GPT-2: `transformer.h.{i}.attn.c_attn` etc. are Conv1D layers storing (in, out) weights, which
+become (out, in) nn.Linear weights here. GPT-J: separate `q_proj/k_proj/v_proj` are fused into
+`attn.qkv`; `fc_in/fc_out` become `mlp.fc/mlp.proj`. Conversion works tensor by tensor from a
+getter, so a checkpoint is never materialized twice.
+
+    sd = state_dict_from_hf(get_tensor, hf_names, config)
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from .config import GPTConfig
+
+_FAMILY_OF_MODEL_TYPE = {"gpt2": "gpt2", "gptj": "gptj"}
+_ARCHITECTURE = {"gpt2": "GPT2LMHeadModel", "gptj": "GPTJForCausalLM"}
+_CONFIG_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "rotary_dim",
+                "layer_norm_epsilon", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ConversionError(ValueError):
+    pass
+
+
+# -- config.json ----------------------------------------------------------------------------------
+def config_from_hf(d: dict) -> GPTConfig:
+    """GPTConfig from the dict of an HF config.json (model_type gpt2 or gptj)."""
+    model_type = d.get("model_type")
+    if model_type not in _FAMILY_OF_MODEL_TYPE:
+        raise ConversionError(f"model_type {model_type!r} is not supported (kogpt runs gpt2 and gptj)")
+    act = d.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ConversionError(f"activation_function {act!r} is not supported (gelu_new only)")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if d.get(flag):
+            raise ConversionError(f"{flag}=true is not supported")
+    if d.get("scale_attn_weights") is False:
+        raise ConversionError("scale_attn_weights=false is not supported")
+    family = _FAMILY_OF_MODEL_TYPE[model_type]
+    kw = {k: d[k] for k in _CONFIG_KEYS if k in d}
+    kw.setdefault("tie_word_embeddings", family == "gpt2")
+    if family == "gpt2":
+        kw.pop("rotary_dim", None)
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if isinstance(kw.get(k), list):  # HF allows a list of eos ids; keep the first
+            kw[k] = kw[k][0] if kw[k] else None
+    known = set(_CONFIG_KEYS) | {"model_type"}
+    extra = {k: v for k, v in d.items() if k not in known}
+    return GPTConfig(family=family, extra=extra, **kw)
+
+
+def config_to_hf(cfg: GPTConfig, dtype: torch.dtype | None = None) -> dict:
+    """An HF config.json dict that transformers (and vLLM) load as GPT2LMHeadModel / GPTJForCausalLM."""
+    d = {
+        "architectures": [_ARCHITECTURE[cfg.family]],
+        "model_type": cfg.family,
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.n_positions,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": cfg.n_inner,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "use_cache": True,
+    }
+    if cfg.family == "gpt2":
+        d["n_ctx"] = cfg.n_positions
+    else:
+        d["rotary_dim"] = cfg.rope_dim
+    if dtype is not None:
+        d["torch_dtype"] = d["dtype"] = {v: k for k, v in _DTYPES.items()}[dtype]
+    return d
+
+
+def dtype_from_hf(d: dict) -> torch.dtype | None:
+    """The dtype a config.json declares (`torch_dtype` or `dtype`), if any."""
+    name = d.get("dtype") or d.get("torch_dtype")
+    return _DTYPES.get(name) if isinstance(name, str) else None
+
+
+# -- parameters -----------------------------------------------------------------------------------
+def _layer_map(cfg: GPTConfig, i: int) -> dict[str, tuple[list[str], bool]]:
+    """kogpt name -> (HF names to concatenate, transpose?) for layer i."""
+    h = f"transformer.h.{i}."
+    if cfg.family == "gpt2":  # Conv1D weights are (in, out): transpose
+        m = {
+            "ln_1.weight": ([h + "ln_1.weight"], False), "ln_1.bias": ([h + "ln_1.bias"], False),
+            "attn.qkv.weight": ([h + "attn.c_attn.weight"], True), "attn.qkv.bias": ([h + "attn.c_attn.bias"], False),
+            "attn.proj.weight": ([h + "attn.c_proj.weight"], True), "attn.proj.bias": ([h + "attn.c_proj.bias"], False),
+            "ln_2.weight": ([h + "ln_2.weight"], False), "ln_2.bias": ([h + "ln_2.bias"], False),
+            "mlp.fc.weight": ([h + "mlp.c_fc.weight"], True), "mlp.fc.bias": ([h + "mlp.c_fc.bias"], False),
+            "mlp.proj.weight": ([h + "mlp.c_proj.weight"], True), "mlp.proj.bias": ([h + "mlp.c_proj.bias"], False),
+        }
+    else:
+        m = {
+            "ln_1.weight": ([h + "ln_1.weight"], False), "ln_1.bias": ([h + "ln_1.bias"], False),
+            "attn.qkv.weight": ([h + f"attn.{p}_proj.weight" for p in "qkv"], False),
+            "attn.proj.weight": ([h + "attn.out_proj.weight"], False),
+            "mlp.fc.weight": ([h + "mlp.fc_in.weight"], False), "mlp.fc.bias": ([h + "mlp.fc_in.bias"], False),
+            "mlp.proj.weight": ([h + "mlp.fc_out.weight"], False), "mlp.proj.bias": ([h + "mlp.fc_out.bias"], False),
+        }
+    return {f"h.{i}.{k}": v for k, v in m.items()}
+
+
+def name_map(cfg: GPTConfig) -> dict[str, tuple[list[str], bool]]:
+    """Every kogpt parameter name -> (HF names, transpose?)."""
+    m = {"wte.weight": (["transformer.wte.weight"], False),
+         "ln_f.weight": (["transformer.ln_f.weight"], False), "ln_f.bias": (["transformer.ln_f.bias"], False)}
+    if cfg.family == "gpt2":
+        m["wpe.weight"] = (["transformer.wpe.weight"], False)
+    for i in range(cfg.n_layer):
+        m.update(_layer_map(cfg, i))
+    if not cfg.tie_word_embeddings:
+        m["lm_head.weight"] = (["lm_head.weight"], False)
+    if cfg.family == "gptj":
+        m["lm_head.bias"] = (["lm_head.bias"], False)
+    return m
+
+
+def canonical_hf_names(names: Iterable[str]) -> dict[str, str]:
+    """Map canonical HF names (`transformer.` prefix) to the names a file actually uses.
+
+    Bare GPT2Model checkpoints (e.g. the original `gpt2`) store `h.0...` without the prefix.
+    """
+    out = {}
+    for n in names:
+        if n.startswith("transformer.") or n.startswith("lm_head."):
+            out[n] = n
+        else:
+            out["transformer." + n] = n
+    return out
+
+
+def state_dict_from_hf(get: Callable[[str], torch.Tensor], names: Iterable[str], cfg: GPTConfig,
+                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """kogpt state dict from HF tensors, fetched one at a time with `get(name)` and cast to dtype.
+
+    Raises ConversionError naming the first missing tensor.
+    """
+    available = canonical_hf_names(names)
+    out = {}
+    for ours, (theirs, transpose) in name_map(cfg).items():
+        parts = []
+        for t in theirs:
+            if t not in available:
+                raise ConversionError(f"tensor {t!r} is missing from the checkpoint")
+            x = get(available[t])
+            x = x.to(dtype) if dtype is not None else x
+            parts.append(x.t() if transpose else x)
+        out[ours] = (torch.cat(parts, 0) if len(parts) > 1 else parts[0]).contiguous()
+    return out
+
+
+def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """HF state dict (contiguous tensors, tied head omitted as transformers saves it)."""
+    out = {}
+    for ours, (theirs, transpose) in name_map(cfg).items():
+        x = sd[ours]
+        parts = x.chunk(len(theirs), 0) if len(theirs) > 1 else [x]
+        for t, p in zip(theirs, parts):
+            out[t] = (p.t() if transpose else p).contiguous()
+    return out

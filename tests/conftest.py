@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random-init transformers models of both families, saved HF folders, paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared/data, or skip the test when the shared folder is absent."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not available")
+    return p
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    """A random-init transformers GPT2LMHeadModel / GPTJForCausalLM with a tiny config, eval mode.
+
+    initializer_range is larger than the default so attention patterns and rotary phases matter
+    to the logits (a wrong rotary convention must show up well above the parity tolerance).
+    """
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=1000, n_positions=128, n_layer=2, initializer_range=0.3,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    common.update(overrides)
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=32, n_head=4, **common)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        common.setdefault("rotary_dim", 8)
+        cfg = transformers.GPTJConfig(n_embd=64, n_head=4, **common)
+        model = transformers.GPTJForCausalLM(cfg)
+    # give LayerNorms and biases non-trivial values: the defaults (1, 0) would hide swapped tensors
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(params=["gpt2", "gptj"])
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def hf_model(family):
+    return make_hf_model(family)
+
+
+@pytest.fixture
+def hf_dir(hf_model, tmp_path) -> Path:
+    """The tiny transformers model saved with save_pretrained (safetensors)."""
+    d = tmp_path / "hf"
+    hf_model.save_pretrained(d)
+    return d

@@ -1,0 +1,173 @@
+"""Loading HF folders in every weight format, safely; saving HF folders transformers loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kogpt.checkpoint import CheckpointError, load_model, resolve, save_model
+from kogpt.convert import config_from_hf
+
+from conftest import make_hf_model
+
+ATOL = 1e-4
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(5))
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@torch.no_grad()
+def test_saved_folder_loads_in_transformers_with_same_logits(hf_dir, ids, tmp_path):
+    import transformers
+
+    ours = load_model(hf_dir)
+    out = tmp_path / "saved"
+    save_model(ours, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(hf_logits(theirs, ids), ours(ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(load_model(out)(ids), ours(ids), atol=0, rtol=0)  # exact round trip
+
+
+@torch.no_grad()
+def test_sharded_safetensors(hf_model, ids, tmp_path):
+    hf_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    torch.testing.assert_close(load_model(tmp_path)(ids), hf_logits(hf_model, ids), atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_pytorch_model_bin(hf_model, ids, tmp_path):
+    hf_model.config.save_pretrained(tmp_path)
+    torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
+    torch.testing.assert_close(load_model(tmp_path)(ids), hf_logits(hf_model, ids), atol=ATOL, rtol=0)
+
+
+def test_bare_gpt2model_names_without_transformer_prefix(ids, tmp_path):
+    """Old GPT-2 checkpoints store `h.0.attn...` without the `transformer.` prefix."""
+    hf_model = make_hf_model("gpt2")
+    hf_model.config.save_pretrained(tmp_path)
+    sd = {k.removeprefix("transformer."): v.contiguous() for k, v in hf_model.state_dict().items()
+          if k != "lm_head.weight"}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path)(ids), hf_logits(hf_model, ids), atol=ATOL, rtol=0)
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_pickled_code_is_never_executed(hf_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hf_model.config.save_pretrained(tmp_path)
+    torch.save({"transformer.wte.weight": Boom()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        load_model(tmp_path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_choice_and_checkpoint_default(hf_dir, dtype, tmp_path, ids):
+    model = load_model(hf_dir, dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    save_model(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
+    again = load_model(tmp_path)  # default: the checkpoint's dtype
+    assert again.wte.weight.dtype == dtype
+    ref = load_model(hf_dir)(ids)
+    assert (again(ids).float() - ref).abs().max() < 0.25  # still the same model, in half precision
+
+
+def test_missing_and_corrupt_files_name_the_file(hf_dir, tmp_path):
+    (hf_dir / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(hf_dir)
+    (hf_dir / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        load_model(hf_dir)
+    (hf_dir / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        load_model(hf_dir)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_head": 4}))
+    with pytest.raises(CheckpointError, match="no weights"):
+        load_model(empty)
+
+
+def test_missing_tensor_and_wrong_shape(hf_model, tmp_path, family):
+    hf_model.config.save_pretrained(tmp_path)
+    tied = family == "gpt2"
+    sd = {k: v.contiguous() for k, v in hf_model.state_dict().items()
+          if "ln_f" not in k and not (tied and k == "lm_head.weight")}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="transformer.ln_f.weight.*missing"):
+        load_model(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["vocab_size"] = 999
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in hf_model.state_dict().items() if not (tied and k == "lm_head.weight")},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_model(tmp_path)
+
+
+def test_unsupported_config_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="model_type 'llama' is not supported"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="activation_function"):
+        config_from_hf({"model_type": "gpt2", "activation_function": "relu"})
+
+
+def test_resolve_local_and_bad_names(hf_dir):
+    assert resolve(hf_dir) == hf_dir
+    with pytest.raises(CheckpointError, match="model folder not found: ./nope"):
+        resolve("./nope")
+    with pytest.raises(CheckpointError, match="is a file"):
+        resolve(hf_dir / "config.json")
+
+
+def _run_offline(code: str, home: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HOME=str(home), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_hub_id_offline_gives_one_clear_error(tmp_path):
+    r = _run_offline("from kogpt.checkpoint import resolve\nresolve('skt/kogpt2-base-v2')", tmp_path)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "CheckpointError" in last and "hf download skt/kogpt2-base-v2" in last
+
+
+def test_hub_id_resolves_from_the_hub_cache(hf_dir, ids, tmp_path):
+    """The hub code path for real: a snapshot in the HF cache layout is found by repo id + revision."""
+    snap = tmp_path / "hub" / "models--skt--kogpt2-base-v2" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    for f in hf_dir.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    refs = snap.parents[1] / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("a" * 40)
+    code = ("from kogpt.checkpoint import resolve\n"
+            "print(resolve('skt/kogpt2-base-v2'))\nprint(resolve('skt/kogpt2-base-v2', revision='main'))")
+    r = _run_offline(code, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(snap)] * 2

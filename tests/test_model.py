@@ -1,0 +1,125 @@
+"""Parity of kogpt's GPT with transformers' GPT2LMHeadModel and GPTJForCausalLM (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kogpt.checkpoint import load_model
+from kogpt.config import GPTConfig
+from kogpt.kv_cache import KVCache
+from kogpt.model import GPT, apply_rope
+
+ATOL = 1e-4
+
+
+def cached_logits(model, ids, n_prefill):
+    """Logits of prefill(ids[:, :n_prefill]) followed by one cached step per remaining token."""
+    cache = KVCache.for_model(model.config, ids.size(0), ids.size(1))
+    out = [model(ids[:, :n_prefill], cache)]
+    for t in range(n_prefill, ids.size(1)):
+        out.append(model(ids[:, t:t + 1], cache))
+    return torch.cat(out, 1)
+
+
+def greedy(model, ids, n):
+    cache = KVCache.for_model(model.config, ids.size(0), ids.size(1) + n)
+    logits = model(ids, cache, last_only=True)
+    out = ids
+    for _ in range(n):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        out = torch.cat([out, nxt], 1)
+        logits = model(nxt, cache)
+    return out
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def test_full_forward_matches_transformers(hf_model, hf_dir, ids):
+    ours = load_model(hf_dir)
+    expected = hf_model(ids).logits
+    torch.testing.assert_close(ours(ids), expected, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_cached_decoding_matches_transformers(hf_model, hf_dir, ids):
+    ours = load_model(hf_dir)
+    expected = hf_model(ids).logits
+    torch.testing.assert_close(cached_logits(ours, ids, 7), expected, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_greedy_tokens_match_transformers_generate(hf_model, hf_dir):
+    prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(2))
+    expected = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=32, min_new_tokens=32, pad_token_id=3)
+    got = greedy(load_model(hf_dir), prompt, 32)
+    assert got.tolist() == expected.tolist()
+    assert len(set(got[0, 8:].tolist())) > 1  # a degenerate single-token loop would prove little
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_rows_alone(hf_dir):
+    """Batched prompts of different lengths (left padding) give each row's unpadded logits."""
+    model = load_model(hf_dir)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, 1000, (n,), generator=g) for n in (5, 9)]
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(2, T, dtype=torch.long)
+    pad = torch.ones(2, T, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):], pad[b, T - len(r):] = r, False
+    pos = ((~pad).cumsum(1) - 1).clamp(min=0)  # positions count real tokens only
+    cache = KVCache.for_model(model.config, 2, T + 3)
+    cache.set_padding(pad)
+    last = model(ids, cache, pos, last_only=True)[:, -1]
+    step = torch.tensor([[11], [12]])
+    nxt = model(step, cache, pos[:, -1:] + 1)[:, -1]
+    for b, r in enumerate(rows):
+        alone = model(torch.cat([r, step[b]])[None])[0]
+        torch.testing.assert_close(last[b], alone[-2], atol=ATOL, rtol=0)
+        torch.testing.assert_close(nxt[b], alone[-1], atol=ATOL, rtol=0)
+
+
+def test_half_rotation_is_not_gptj():
+    """GPT-J rotates interleaved pairs; the half-split (GPT-NeoX) convention gives other numbers."""
+    x = torch.randn(1, 1, 3, 8)
+    cos, sin = torch.randn(1, 1, 3, 2), torch.randn(1, 1, 3, 2)
+    out = apply_rope(x, cos, sin, 4)
+    # pair (0, 1) rotates together
+    torch.testing.assert_close(out[..., 0], x[..., 0] * cos[..., 0] - x[..., 1] * sin[..., 0])
+    torch.testing.assert_close(out[..., 1], x[..., 1] * cos[..., 0] + x[..., 0] * sin[..., 0])
+    torch.testing.assert_close(out[..., 4:], x[..., 4:])  # dims past rotary_dim pass through
+
+
+def test_presets_have_the_model_card_shapes():
+    base = GPTConfig.preset("kogpt2-base-v2")
+    assert (base.n_layer, base.n_head, base.n_embd, base.n_positions, base.vocab_size) == (12, 12, 768, 1024, 51200)
+    assert base.tie_word_embeddings and base.family == "gpt2"
+    assert 124e6 < base.num_params() < 126e6  # "125M"
+    j = GPTConfig.preset("kogpt-6b")
+    assert (j.n_layer, j.n_embd, j.n_head, j.head_dim, j.rope_dim, j.vocab_size) == (28, 4096, 16, 256, 64, 64512)
+    assert 6.0e9 < j.num_params() < 6.3e9
+    assert GPTConfig.preset("kogpt2-1.5b").n_layer == 48
+    with pytest.raises(KeyError, match="unknown preset"):
+        GPTConfig.preset("nope")
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gptj", "tiny"])
+def test_num_params_counts_the_module(name):
+    cfg = GPTConfig.preset(name)
+    model = GPT(cfg)
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="rotary_dim"):
+        GPTConfig(family="gptj", n_embd=32, n_head=4, rotary_dim=9)
+    with pytest.raises(ValueError, match="family"):
+        GPTConfig(family="llama")
