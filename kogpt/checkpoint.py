@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import GPTConfig
+from .errors import UserError
 from .convert import ConversionError, config_from_hf, config_to_hf, dtype_from_hf, state_dict_from_hf, state_dict_to_hf
 from .model import GPT
 
@@ -33,7 +34,7 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 _HUB_METADATA = ["*.json", "*.txt", "*.model"]
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A model cannot be found or read; the message names the file and what to do."""
 
 

@@ -1,0 +1,62 @@
+"""The `kogpt` command line: `python -m kogpt` (the interactive prompt) and its subcommands.
+
+Each subcommand lives in its own module of this package and defines NAME, HELP,
+add_arguments(parser) and run(args) -> int; run parses nothing and calls one library function.
+User errors (kogpt.errors.UserError, missing files) print one line and exit 2.
+
+    kogpt generate --model DIR --prompt "안녕하세요"
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+
+from .. import __version__
+from ..errors import UserError
+
+# subcommand modules in the order `kogpt --help` lists them; absent ones are skipped
+_MODULES = ("interactive", "generate", "train_tokenizer", "prepare", "train", "eval", "finetune", "serve",
+            "convert", "bench", "adventure")
+
+
+def _commands():
+    for name in _MODULES:
+        if importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            yield importlib.import_module(f"{__name__}.{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kogpt", description="Korean GPT toolkit: run, generate, train, evaluate and export.")
+    parser.add_argument("--version", action="version", version=f"kogpt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _commands():
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["interactive", *argv]  # `python -m kogpt [--model M ...]` is the interactive prompt
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except (UserError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        if getattr(args, "debug", False):
+            raise
+        msg = str(e) if isinstance(e, UserError) else f"{e.strerror or e}: {e.filename}"
+        print(f"kogpt {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130

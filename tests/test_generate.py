@@ -1,0 +1,85 @@
+"""The one decode loop: transformers' greedy tokens, a naive-recompute oracle, batching, stopping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kogpt.checkpoint import load_model
+from kogpt.errors import UserError
+from kogpt.generate import generate, generate_ids
+from kogpt.sampling import GREEDY, SamplingConfig, sample
+
+EOS = 2
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 1000, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("kw", [{}, {"repetition_penalty": 2.0}, {"no_repeat_ngram_size": 3}],
+                         ids=["greedy", "rep2", "ngram3"])
+def test_greedy_matches_transformers_generate(hf_model, hf_dir, kw):
+    p = prompts([9])[0]
+    expected = hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=32, pad_token_id=3, eos_token_id=EOS, **kw)
+    got = generate_ids(load_model(hf_dir), [p], max_new_tokens=32, sampling=SamplingConfig(do_sample=False, **kw),
+                       eos_ids=[EOS])
+    assert got[0] == expected[0, len(p):].tolist()
+
+
+def naive(model, prompt, n, s, rng):
+    """Oracle: full recompute of the whole sequence at every step, no cache."""
+    ids = torch.tensor([prompt])
+    for _ in range(n):
+        logits = model(ids)[:, -1]
+        ids = torch.cat([ids, sample(logits, ids, s, rng)[:, None]], 1)
+    return ids[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("s", [GREEDY, SamplingConfig(temperature=0.9, top_p=0.9, repetition_penalty=1.3)],
+                         ids=["greedy", "sampled"])
+@torch.no_grad()
+def test_cached_loop_equals_naive_recompute(hf_dir, s):
+    model = load_model(hf_dir)
+    p = prompts([7])[0]
+    got = generate_ids(model, [p], max_new_tokens=20, sampling=s, rng=torch.Generator().manual_seed(3))
+    assert got[0] == naive(model, p, 20, s, torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("s", [GREEDY, SamplingConfig(do_sample=False, repetition_penalty=2.0,
+                                                       no_repeat_ngram_size=2)], ids=["greedy", "penalties"])
+def test_batch_with_mixed_lengths_equals_one_by_one(hf_dir, s):
+    model = load_model(hf_dir)
+    ps = prompts([3, 11, 6, 1])
+    batch = generate_ids(model, ps, max_new_tokens=16, sampling=s)
+    alone = [generate_ids(model, [p], max_new_tokens=16, sampling=s)[0] for p in ps]
+    assert batch == alone
+
+
+def test_rows_stop_on_eos_budget_and_stop_callback(hf_dir):
+    model = load_model(hf_dir)
+    ps = prompts([4, 5, 6])
+    free = generate_ids(model, ps, max_new_tokens=12)
+    others = set(free[1]) | set(free[2])
+    eos = next(t for t in free[0][2:] if t not in others)  # pretend this token of row 0 is EOS
+    events = list(generate(model, ps, max_new_tokens=[12, 5, 12], eos_ids=[eos],
+                           stop=lambda row, tok: row == 2 and tok == free[2][1]))
+    rows = {b: [e for e in events if e.row == b] for b in range(3)}
+    cut = free[0].index(eos) + 1
+    assert [e.token for e in rows[0]] == free[0][:cut] and rows[0][-1].finish == "stop" and rows[0][-1].is_eos
+    assert [e.token for e in rows[1]] == free[1][:5] and rows[1][-1].finish == "length"
+    assert len(rows[2]) == 2 and rows[2][-1].finish == "stop" and not rows[2][-1].is_eos
+    assert all(e.finish is None for r in rows.values() for e in r[:-1])
+
+
+def test_budget_is_capped_by_the_context(hf_dir):
+    model = load_model(hf_dir)  # n_positions 128
+    p = prompts([120])[0]
+    events = list(generate(model, [p], max_new_tokens=50))
+    assert len(events) == 8 and events[-1].finish == "length"
+    with pytest.raises(UserError, match="context"):
+        list(generate(model, prompts([128]), max_new_tokens=1))
+    with pytest.raises(UserError, match="empty"):
+        list(generate(model, [[]], max_new_tokens=1))
