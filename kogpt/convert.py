@@ -173,3 +173,29 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, t
         for t, p in zip(theirs, parts):
             out[t] = (p.t() if transpose else p).contiguous()
     return out
+
+
+# -- generation_config.json -------------------------------------------------------------------------
+_GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
+                    "no_repeat_ngram_size", "bad_words_ids", "max_length", "max_new_tokens")
+_DISABLED = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0, "repetition_penalty": 1.0,
+             "no_repeat_ngram_size": 0, "bad_words_ids": (), "temperature": 1.0}
+
+
+def generation_from_hf(d: dict) -> dict:
+    """Decoding settings from an HF generation_config.json (kogpt SamplingConfig field names)."""
+    out = {}
+    for k in _GENERATION_KEYS:
+        if k in d:
+            out[k] = _DISABLED.get(k) if d[k] is None else d[k]
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def generation_to_hf(sampling: dict, max_length: int | None, max_new_tokens: int | None,
+                     bos_id: int | None, eos_id: int | None, pad_id: int | None) -> dict:
+    """An HF generation_config.json dict that reproduces kogpt's defaults in transformers."""
+    d = {k: sampling[k] for k in _GENERATION_KEYS if k in sampling}
+    d["bad_words_ids"] = [list(w) for w in d.get("bad_words_ids", ())] or None
+    d.update(max_length=max_length, max_new_tokens=max_new_tokens,
+             bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    return {k: v for k, v in d.items() if v is not None}

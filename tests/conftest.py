@@ -29,7 +29,7 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     common = dict(vocab_size=1000, n_positions=128, n_layer=2, initializer_range=0.3,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=3)
+                  bos_token_id=1, eos_token_id=1, pad_token_id=3)  # kogpt tokenizer: </s>=1, <pad>=3
     common.update(overrides)
     if family == "gpt2":
         cfg = transformers.GPT2Config(n_embd=32, n_head=4, **common)
@@ -62,3 +62,32 @@ def hf_dir(hf_model, tmp_path) -> Path:
     d = tmp_path / "hf"
     hf_model.save_pretrained(d)
     return d
+
+
+KOREAN_LINES = [
+    "안녕하세요. 한국어 GPT 모델입니다.", "오늘 날씨가 정말 좋네요 ㅋㅋㅋ", "대한민국의 수도는 서울이다.",
+    "이 영화 진짜 재밌어요! 😀", "한국어 자연어 처리는 어렵지만 재미있습니다.", "김유정의 동백꽃을 읽었다.",
+    "법률 제1조(목적) 이 법은 국민의 권리를 보호함을 목적으로 한다.", "커피 한 잔 하실래요?",
+]
+
+
+@pytest.fixture(scope="session")
+def korean_tokenizer(tmp_path_factory):
+    """A small kogpt BPE (vocab 1000, fits the tiny models) trained on real Korean lines."""
+    from kogpt.tokenizer import train_tokenizer
+
+    lines = list(KOREAN_LINES) * 3
+    wiki = SHARED / "corpus" / "kowiki" / "kowiki_sample.txt"
+    if wiki.exists():
+        with open(wiki, encoding="utf-8") as f:
+            lines += [line.strip() for _, line in zip(range(400), f) if line.strip()]
+    path = tmp_path_factory.mktemp("tok") / "lines.txt"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return train_tokenizer([path], vocab_size=1000, show_progress=False)
+
+
+@pytest.fixture
+def model_dir(hf_dir, korean_tokenizer) -> Path:
+    """A transformers save_pretrained folder plus a kogpt tokenizer: what a user would point kogpt at."""
+    korean_tokenizer.save(hf_dir)
+    return hf_dir

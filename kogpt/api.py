@@ -1,0 +1,282 @@
+"""KoGPT: a model, its tokenizer and its generation defaults — what a user imports.
+
+Text in, text out, through the one decode loop (generate.py): batched generation with stop strings,
+streaming through StreamDecoder (Hangul never split), log-likelihood scoring, and saving in HF
+format. Generation defaults come from the checkpoint's generation_config.json (transformers' semantics),
+else the family's model-card recipe (KoGPT2: greedy, repetition_penalty 2.0, max_length 128; KoGPT: sampling,
+temperature 0.8, max_length 128); every call can override them.
+
+    gpt = KoGPT.from_pretrained("kogpt-mini"); print(gpt.generate("오늘 날씨가"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .checkpoint import CheckpointError, load_model, read_json, resolve, save_model, write_json
+from .convert import generation_from_hf, generation_to_hf
+from .errors import UserError
+from .generate import generate
+from .model import GPT
+from .sampling import SamplingConfig
+from .tokenizer import StreamDecoder, Tokenizer
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingConfig)}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """torch dtype for 'fp32'/'bf16'/'fp16' (or their long names); None or 'auto' = the checkpoint's."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return None
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UserError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}") from None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """A model's default decoding recipe; max_new_tokens wins over max_length (prompt included)."""
+
+    sampling: SamplingConfig = SamplingConfig()
+    max_length: int | None = 128
+    max_new_tokens: int | None = None
+
+    @classmethod
+    def for_family(cls, family: str) -> "GenerationDefaults":
+        if family == "gptj":  # KakaoBrain KoGPT card: sampling, temperature 0.8, max_length 128
+            return cls(SamplingConfig(do_sample=True, temperature=0.8), max_length=128)
+        # SKT KoGPT2 card: greedy, repetition_penalty 2.0, max_length 128
+        return cls(SamplingConfig(do_sample=False, repetition_penalty=2.0), max_length=128)
+
+
+@dataclass
+class Completion:
+    prompt: str
+    text: str  # the continuation only, stop string and EOS excluded
+    token_ids: list[int]  # ids of the continuation (EOS excluded)
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+class _Row:
+    """Detokenizes one row as it grows, finds stop strings and holds back text that may start one."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
+        self.decoder = StreamDecoder(tokenizer)
+        self.stops = [s for s in stops if s]
+        self.text, self.ids, self.sent, self.stopped = "", [], 0, False
+
+    def push(self, token: int, is_eos: bool) -> bool:
+        """Add a token; True when a stop string has appeared (the text is cut before it)."""
+        if is_eos:
+            self.text += self.decoder.flush()
+            return False
+        self.ids.append(token)
+        piece = self.decoder.push(token)
+        if not piece:
+            return False
+        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
+        self.text += piece
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+        return self.stopped
+
+    def finish(self) -> None:
+        if not self.stopped:
+            self.text += self.decoder.flush()
+
+    def ready(self, done: bool) -> str:
+        """Text not yet handed out that can no longer turn into a stop string."""
+        hold = 0 if done else max((len(s) - 1 for s in self.stops), default=0)
+        end = max(self.sent, len(self.text) - hold)
+        piece, self.sent = self.text[self.sent:end], end
+        return piece
+
+
+class KoGPT:
+    """A Korean GPT ready to use: `.model` (GPT), `.tokenizer` (Tokenizer), `.defaults`."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, defaults: GenerationDefaults | None = None,
+                 name: str = "kogpt"):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.defaults = defaults or GenerationDefaults.for_family(model.config.family)
+        if tokenizer.vocab_size > model.config.vocab_size:  # e.g. added tokens past a 50,000 vocab
+            warnings.warn(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                          f"{model.config.vocab_size} embeddings; prompts using the extra tokens are refused",
+                          stacklevel=2)
+
+    # -- loading and saving --------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
+                        device: str | None = None, dtype: str | torch.dtype | None = None) -> "KoGPT":
+        """Load a model folder or hub id (optionally at a revision) with its tokenizer."""
+        folder = resolve(name_or_path, revision)
+        model = load_model(folder, parse_dtype(dtype), device or default_device())
+        try:
+            tokenizer = Tokenizer.from_dir(folder)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{folder}: no usable tokenizer (tokenizer.json, or vocab.json + merges.txt): {e}")
+        _check_special_ids(model, tokenizer, folder)
+        defaults = GenerationDefaults.for_family(model.config.family)
+        if (folder / "generation_config.json").exists():
+            defaults = _defaults_from(generation_from_hf(read_json(folder / "generation_config.json")))
+        return cls(model, tokenizer, defaults, name=str(name_or_path))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write an HF-format folder (config, safetensors, tokenizer, generation config)."""
+        folder = Path(folder)
+        save_model(self.model, folder)
+        self.tokenizer.save(folder)
+        d = self.defaults
+        write_json(folder / "generation_config.json",
+                   generation_to_hf(dataclasses.asdict(d.sampling), d.max_length, d.max_new_tokens,
+                                    self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id))
+
+    # -- generation ----------------------------------------------------------------------------
+    def options(self, **overrides) -> tuple[SamplingConfig, int | None, int | None]:
+        """Sampling config and length limits: the model's defaults with `overrides` applied.
+
+        Keys: SamplingConfig fields, max_new_tokens, max_length, greedy (bool). Unknown keys
+        are a UserError.
+        """
+        unknown = set(overrides) - _SAMPLING_FIELDS - {"max_new_tokens", "max_length", "greedy"}
+        if unknown:
+            raise UserError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+        greedy = overrides.pop("greedy", None)
+        max_new, max_len = overrides.pop("max_new_tokens", None), overrides.pop("max_length", None)
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if greedy:
+            changes["do_sample"] = False
+        elif "temperature" in changes and changes["temperature"] > 0 and "do_sample" not in changes:
+            changes["do_sample"] = True  # asking for a temperature means sampling
+        sampling = self.defaults.sampling.replace(**changes)
+        if max_new is None and max_len is None:
+            max_new, max_len = self.defaults.max_new_tokens, self.defaults.max_length
+        for name, v in (("max_new_tokens", max_new), ("max_length", max_len)):
+            if v is not None and v < 1:
+                raise UserError(f"{name} must be >= 1, got {v}")
+        return sampling, max_new, max_len
+
+    def _budget(self, n_prompt: int, max_new: int | None, max_len: int | None) -> int:
+        if max_new is not None:
+            return max_new
+        if max_len is not None:
+            return max(0, max_len - n_prompt)
+        return self.model.config.n_positions - n_prompt
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise UserError(f"a prompt must be a string, got {type(prompt).__name__}")
+        ids = self.tokenizer.encode(prompt)
+        if ids and max(ids) >= self.model.config.vocab_size:
+            raise UserError(f"the prompt holds token id {max(ids)}, past the model's vocabulary of "
+                            f"{self.model.config.vocab_size}")
+        if not ids:  # an empty prompt starts a new document
+            ids = [self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id or 0]
+        return ids
+
+    def iter_completions(self, prompts: Sequence[str], *, stop: Sequence[str] = (), seed: int | None = None,
+                         num_return_sequences: int = 1, **options) -> Iterator[tuple[int, str, Completion | None]]:
+        """Yield (row, text piece, None) as text is produced, then (row, "", Completion) when a row ends.
+
+        Rows are the prompts, each repeated num_return_sequences times, generated as one batch.
+        """
+        if num_return_sequences < 1:
+            raise UserError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+        sampling, max_new, max_len = self.options(**options)
+        prompts = [p for p in prompts for _ in range(num_return_sequences)]
+        encoded = [self.encode_prompt(p) for p in prompts]
+        rows = [_Row(self.tokenizer, stop) for _ in prompts]
+        rng = None
+        if seed is not None:
+            rng = torch.Generator(self.model.wte.weight.device).manual_seed(seed)
+        eos = [i for i in {self.tokenizer.eos_id} if i is not None]
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (eos[0] if eos else 0)
+        events = generate(self.model, encoded, max_new_tokens=[self._budget(len(e), max_new, max_len) for e in encoded],
+                          sampling=sampling, eos_ids=eos, rng=rng, pad_id=pad,
+                          stop=lambda b, tok: rows[b].push(tok, tok in eos))
+        for ev in events:
+            row = rows[ev.row]
+            if ev.finish:
+                row.finish()
+            piece = row.ready(done=ev.finish is not None)
+            if piece:
+                yield ev.row, piece, None
+            if ev.finish:
+                yield ev.row, "", Completion(prompts[ev.row], row.text, row.ids, ev.finish)
+
+    def complete(self, prompts: Sequence[str], *, batch_size: int = 8, **kw) -> list[Completion]:
+        """Completions of every prompt (× num_return_sequences), in order, batch_size prompts at a time."""
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        out: list[Completion] = []
+        for i in range(0, len(prompts), batch_size):
+            done = {}
+            for row, _, c in self.iter_completions(prompts[i:i + batch_size], **kw):
+                if c is not None:
+                    done[row] = c
+            out.extend(done[r] for r in sorted(done))
+        return out
+
+    def generate(self, prompt: str | Sequence[str], **kw) -> str | list[str]:
+        """Continuation text of a prompt (a str), or of each prompt of a list (× num_return_sequences)."""
+        texts = [c.text for c in self.complete([prompt] if isinstance(prompt, str) else list(prompt), **kw)]
+        return texts[0] if isinstance(prompt, str) and len(texts) == 1 else texts
+
+    def stream(self, prompt: str, **kw) -> Iterator[str]:
+        """Text pieces of one continuation as they are generated (never a split syllable)."""
+        for _, piece, _ in self.iter_completions([prompt], **kw):
+            if piece:
+                yield piece
+
+    @torch.inference_mode()
+    def score(self, text: str) -> float:
+        """Log-likelihood of `text` in nats, each token given the ones before (BOS first when there is one)."""
+        ids = self.tokenizer.encode(text)
+        start = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
+        ids = start + ids
+        if len(ids) < 2:
+            raise UserError("score needs text of at least one token (two without a BOS token)")
+        ids = ids[: self.model.config.n_positions]
+        x = torch.tensor([ids], device=self.model.wte.weight.device)
+        logp = self.model(x[:, :-1]).float().log_softmax(-1)
+        return logp[0].gather(-1, x[0, 1:, None]).sum().item()
+
+
+def _defaults_from(hf: dict) -> GenerationDefaults:
+    """Defaults from a generation_config.json: absent keys take transformers' defaults (greedy, no
+    penalties, top_k 50), except max_length, which is 128 (the model cards') instead of 20."""
+    try:
+        sampling = SamplingConfig(do_sample=False).replace(**{k: v for k, v in hf.items() if k in _SAMPLING_FIELDS})
+    except (TypeError, UserError) as e:
+        raise CheckpointError(f"generation_config.json: {e}") from None
+    if "max_new_tokens" in hf or "max_length" in hf:
+        return GenerationDefaults(sampling, hf.get("max_length"), hf.get("max_new_tokens"))
+    return GenerationDefaults(sampling)
+
+
+def _check_special_ids(model: GPT, tok: Tokenizer, folder: Path) -> None:
+    """Warn once when config.json's special ids disagree with the tokenizer; the tokenizer wins."""
+    cfg = model.config
+    diffs = [f"{name}_token_id {ours} (tokenizer: {theirs})"
+             for name, ours, theirs in (("bos", cfg.bos_token_id, tok.bos_id), ("eos", cfg.eos_token_id, tok.eos_id))
+             if ours is not None and theirs is not None and ours != theirs]
+    if diffs:
+        warnings.warn(f"{folder / 'config.json'} names {', '.join(diffs)}; using the tokenizer's ids",
+                      stacklevel=3)

@@ -1,0 +1,76 @@
+"""Flags shared by the commands that load a model (--model, --revision, --device, --dtype) and sampling flags."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import UserError
+
+DEFAULT_MODEL: str | None = None  # the bundled model, once kogpt ships one
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model folder (HF format) or Hugging Face hub id, e.g. skt/kogpt2-base-v2"
+                        + (f" (default: {DEFAULT_MODEL})" if DEFAULT_MODEL else ""))
+    g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit), e.g. KoGPT6B-ryan1.5b-float16")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights dtype (default: the checkpoint's)")
+    g.add_argument("-d", "--debug", action="store_true", help="show token ids, timings and full tracebacks")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding (defaults: the model's generation config)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate")
+    g.add_argument("--max-length", type=int, default=None, help="prompt + generated tokens (as the model cards count)")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 means greedy")
+    g.add_argument("--greedy", action="store_true", default=None, help="greedy decoding (argmax)")
+    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--min-p", type=float, default=None, help="drop tokens below min-p × the top probability")
+    g.add_argument("--typical-p", type=float, default=None, help="locally typical sampling mass in (0, 1]")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="CTRL repetition penalty (1: off)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The generation options of KoGPT.options() taken from parsed flags."""
+    keys = ("max_new_tokens", "max_length", "temperature", "greedy", "top_k", "top_p", "min_p", "typical_p",
+            "repetition_penalty", "no_repeat_ngram_size")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def check_sampling_options(args: argparse.Namespace) -> None:
+    """Raise UserError for out-of-range decoding flags (before any model is loaded)."""
+    from ..sampling import SamplingConfig
+
+    opts = sampling_options(args)
+    for name in ("max_new_tokens", "max_length"):
+        if opts.get(name) is not None and opts[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {opts[name]}")
+    fields = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size")
+    SamplingConfig(**{k: opts[k] for k in fields if k in opts})
+
+
+def load(args: argparse.Namespace):
+    """KoGPT for the --model/--revision/--device/--dtype flags, with a one-line status on stderr."""
+    from ..api import KoGPT
+
+    if not args.model:
+        raise UserError("no model given: pass --model with a model folder or a Hugging Face hub id")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for, but no CUDA device is available")
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    gpt = KoGPT.from_pretrained(args.model, revision=args.revision, device=args.device, dtype=args.dtype)
+    w = gpt.model.wte.weight
+    print(f"loaded {args.model}: {gpt.model.config.family}, {gpt.model.config.num_params() / 1e6:.1f}M parameters, "
+          f"{str(w.dtype).removeprefix('torch.')} on {w.device}", file=sys.stderr, flush=True)
+    return gpt
