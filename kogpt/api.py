@@ -81,11 +81,8 @@ class _Row:
         self.stops = [s for s in stops if s]
         self.text, self.ids, self.sent, self.stopped = "", [], 0, False
 
-    def push(self, token: int, is_eos: bool) -> bool:
-        """Add a token; True when a stop string has appeared (the text is cut before it)."""
-        if is_eos:
-            self.text += self.decoder.flush()
-            return False
+    def push(self, token: int) -> bool:
+        """Add a (non-EOS) token; True when a stop string has appeared (the text is cut before it)."""
         self.ids.append(token)
         piece = self.decoder.push(token)
         if not piece:
@@ -207,19 +204,17 @@ class KoGPT:
         if seed is not None:
             rng = torch.Generator(self.model.wte.weight.device).manual_seed(seed)
         eos = [i for i in {self.tokenizer.eos_id} if i is not None]
-        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else (eos[0] if eos else 0)
         events = generate(self.model, encoded, max_new_tokens=[self._budget(len(e), max_new, max_len) for e in encoded],
-                          sampling=sampling, eos_ids=eos, rng=rng, pad_id=pad,
-                          stop=lambda b, tok: rows[b].push(tok, tok in eos))
+                          sampling=sampling, eos_ids=eos, rng=rng, stop=lambda b, tok: rows[b].push(tok))
         for ev in events:
-            row = rows[ev.row]
+            row = rows[ev.key]
             if ev.finish:
                 row.finish()
             piece = row.ready(done=ev.finish is not None)
             if piece:
-                yield ev.row, piece, None
+                yield ev.key, piece, None
             if ev.finish:
-                yield ev.row, "", Completion(prompts[ev.row], row.text, row.ids, ev.finish)
+                yield ev.key, "", Completion(prompts[ev.key], row.text, row.ids, ev.finish)
 
     def complete(self, prompts: Sequence[str], *, batch_size: int = 8, **kw) -> list[Completion]:
         """Completions of every prompt (× num_return_sequences), in order, batch_size prompts at a time."""

@@ -1,17 +1,20 @@
-"""THE decode loop: prefill the prompts, then one cached step per token. Every caller uses it.
+"""THE decode loop: requests share one KV cache, each in its own row; one step decodes them all.
 
-Works on ids only (prompt formats, stop strings and detokenizing belong to callers). Prompts of
-different lengths are left-padded; positions count real tokens only, and padded cache slots are
-masked, so each row generates exactly what it would alone. Rows stop on an EOS id, on their own
-token budget, or when the caller's `stop(row, token)` says so.
+`Engine` owns the loop: `submit` queues a request (prompt ids, budget, sampling, EOS ids, RNG,
+stop callback); each `step` prefills queued requests into free rows, samples the next token of every
+active row and runs one batched cached forward. Rows keep their own lengths and positions, so
+prompts of any lengths batch without padding, and a request can join while others decode
+(continuous batching). `generate` runs a fixed set of prompts through an Engine; callers own
+prompt formats, stop strings and detokenizing — this module sees ids only.
 
     for ev in generate(model, [ids], max_new_tokens=32, sampling=GREEDY): print(ev.token)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -20,100 +23,184 @@ from .kv_cache import KVCache
 from .model import GPT
 from .sampling import GREEDY, SamplingConfig, sample
 
-StepFn = Callable[[GPT, torch.Tensor, torch.Tensor, KVCache], torch.Tensor]
+StepFn = Callable[[GPT, torch.Tensor, KVCache, slice], torch.Tensor]
+
+
+def decode_step(model: GPT, tok: torch.Tensor, cache: KVCache, rows: slice) -> torch.Tensor:
+    """One cached step for cache rows `rows`: tok (B, 1) -> next-token logits (B, V)."""
+    return model(tok, cache, rows)[:, -1]
+
+
+@dataclass
+class Request:
+    ids: Sequence[int]  # the prompt, at least one id
+    max_new_tokens: int
+    sampling: SamplingConfig = GREEDY
+    eos_ids: Sequence[int] = ()
+    rng: torch.Generator | None = None
+    stop: Callable[[int], bool] | None = None  # called with each new non-EOS id; True ends the request
+    key: Any = None  # the caller's handle, echoed in every Event
 
 
 @dataclass(frozen=True)
 class Event:
-    row: int  # index of the prompt
-    token: int  # the new id (an EOS id when finish == "stop" because of EOS)
-    finish: str | None = None  # None while the row continues; "stop" (EOS or stop()) or "length"
+    key: Any  # Request.key
+    token: int  # the new id (-1 when a request ends without one: a zero budget or cancel)
+    finish: str | None = None  # None while the request continues; "stop" (EOS or stop()) or "length"
     is_eos: bool = False
 
 
-def prefill(model: GPT, ids: torch.Tensor, pad: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Run the (left-padded) prompts ids (B, T) through the model; next-token logits (B, V)."""
-    pos = ((~pad).cumsum(1) - 1).clamp(min=0)  # (B, T): positions count real tokens only
-    cache.set_padding(pad)
-    return model(ids, cache, pos, last_only=True)[:, -1]
+@dataclass
+class _Active:
+    req: Request
+    history: list[int]  # prompt + generated ids (repetition penalty, n-gram bans)
+    logits: torch.Tensor | None = None  # (V,) next-token logits, waiting to be sampled
+    generated: int = 0
+    wants_ids: bool = field(init=False)
+
+    def __post_init__(self):
+        self.wants_ids = bool(self.req.sampling.penalties())
 
 
-def decode_step(model: GPT, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One cached step: tok (B, 1) at positions pos (B, 1); next-token logits (B, V)."""
-    return model(tok, cache, pos)[:, -1]
+class Engine:
+    """A KV cache of `slots` rows and the requests in them (see the module docstring)."""
+
+    def __init__(self, model: GPT, slots: int, max_len: int | None = None, step_fn: StepFn = decode_step):
+        cfg = model.config
+        self.model, self.step_fn = model, step_fn
+        self.max_len = min(max_len or cfg.n_positions, cfg.n_positions)
+        w = model.wte.weight
+        self.cache = KVCache.for_model(cfg, slots, self.max_len, w.dtype, w.device)
+        self.queue: deque[Request] = deque()
+        self.rows: dict[int, _Active] = {}  # cache row -> request in it
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and not self.rows
+
+    @property
+    def free_slots(self) -> int:
+        return self.cache.batch_size - len(self.rows)
+
+    def submit(self, req: Request) -> None:
+        """Queue a request; it starts at the next step with a free row. Bad prompts raise UserError."""
+        if not req.ids:
+            raise UserError("a prompt is empty; give it at least one token (e.g. the BOS id)")
+        if len(req.ids) >= self.max_len:
+            raise UserError(f"the prompt has {len(req.ids)} tokens; the context holds {self.max_len}")
+        if max(req.ids) >= self.model.config.vocab_size or min(req.ids) < 0:
+            raise UserError(f"prompt ids must be in [0, {self.model.config.vocab_size})")
+        self.queue.append(req)
+
+    def cancel(self, key: Any) -> bool:
+        """Drop a queued or running request (e.g. its client went away); True if it was found."""
+        for req in list(self.queue):
+            if req.key == key:
+                self.queue.remove(req)
+                return True
+        for row, a in list(self.rows.items()):
+            if a.req.key == key:
+                self._release(row)
+                return True
+        return False
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit queued requests, sample one token for every running request, decode them together."""
+        events: list[Event] = []
+        self._admit(events)
+        self._sample(events)
+        if self.rows:
+            hi = max(self.rows) + 1  # decode rows [0, hi); free rows in between carry a dummy token
+            tok = torch.zeros(hi, 1, dtype=torch.long, device=self.cache.k.device)
+            for row, a in self.rows.items():
+                tok[row, 0] = a.history[-1]
+            logits = self.step_fn(self.model, tok, self.cache, slice(0, hi))
+            for row, a in self.rows.items():
+                a.logits = logits[row]
+            self.cache.lengths[[r for r in range(hi) if r not in self.rows]] = 0
+        return events
+
+    def _admit(self, events: list[Event]) -> None:
+        while self.queue and self.free_slots:
+            req = self.queue.popleft()
+            budget = min(req.max_new_tokens, self.max_len - len(req.ids))
+            if budget <= 0:
+                events.append(Event(req.key, -1, "length"))
+                continue
+            req.max_new_tokens = budget
+            row = min(set(range(self.cache.batch_size)) - set(self.rows))
+            self.cache.reset(slice(row, row + 1))
+            ids = torch.tensor([list(req.ids)], dtype=torch.long, device=self.cache.k.device)
+            logits = self.model(ids, self.cache, slice(row, row + 1), last_only=True)
+            self.rows[row] = _Active(req, list(req.ids), logits[0, -1])
+
+    def _sample(self, events: list[Event]) -> None:
+        groups: dict[tuple, list[int]] = {}  # rows sharing sampling settings and RNG sample together
+        for row, a in self.rows.items():
+            groups.setdefault((a.req.sampling, id(a.req.rng)), []).append(row)
+        for rows in groups.values():
+            first = self.rows[rows[0]].req
+            logits = torch.stack([self.rows[r].logits for r in rows])  # (G, V)
+            tok = sample(logits, self._history(rows), first.sampling, first.rng).tolist()
+            for row, t in zip(rows, tok):
+                events.append(self._advance(row, t))
+
+    def _history(self, rows: list[int]) -> torch.Tensor:
+        """(G, T) ids of the rows, left-filled with V (ignored by the processors); (G, 0) if unused."""
+        device = self.cache.k.device
+        if not self.rows[rows[0]].wants_ids:
+            return torch.empty(len(rows), 0, dtype=torch.long, device=device)
+        hist = [self.rows[r].history for r in rows]
+        T = max(len(h) for h in hist)
+        out = torch.full((len(rows), T), self.model.config.vocab_size, dtype=torch.long)
+        for i, h in enumerate(hist):
+            out[i, T - len(h):] = torch.tensor(h)
+        return out.to(device)
+
+    def _advance(self, row: int, tok: int) -> Event:
+        a = self.rows[row]
+        a.generated += 1
+        a.history.append(tok)
+        a.logits = None
+        is_eos = tok in a.req.eos_ids
+        finish = None
+        if is_eos or (a.req.stop is not None and a.req.stop(tok)):
+            finish = "stop"
+        elif a.generated >= a.req.max_new_tokens:
+            finish = "length"
+        if finish:
+            self._release(row)
+        return Event(a.req.key, tok, finish, is_eos)
+
+    def _release(self, row: int) -> None:
+        del self.rows[row]
+        self.cache.reset(slice(row, row + 1))
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids (B, T) and pad mask (B, T) for prompts right-aligned at T = the longest prompt."""
-    T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    pad = torch.ones(len(prompts), T, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
-        pad[b, T - len(p):] = False
-    return ids.to(device), pad.to(device)
-
-
-@torch.inference_mode()
 def generate(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
              sampling: SamplingConfig = GREEDY, eos_ids: Sequence[int] = (), rng: torch.Generator | None = None,
-             stop: Callable[[int, int], bool] | None = None, pad_id: int = 0,
-             step_fn: StepFn = decode_step) -> Iterator[Event]:
-    """Yield an Event per new token of each row, in step order; the last event of a row has `finish`.
+             stop: Callable[[int, int], bool] | None = None, step_fn: StepFn = decode_step) -> Iterator[Event]:
+    """Yield an Event per new token of each prompt (Event.key is the prompt's index), in step order.
 
-    max_new_tokens: one budget for all rows or one per row; capped so prompt + new tokens fit the
-    model's context (n_positions). stop(row, token) -> True ends that row with finish "stop".
+    max_new_tokens: one budget for all prompts or one per prompt; capped so prompt + new tokens fit
+    the context. stop(index, token) -> True ends that prompt with finish "stop".
     """
-    cfg = model.config
-    B = len(prompts)
-    budgets = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if B == 0:
-        return
-    if len(budgets) != B:
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts):
         raise ValueError("max_new_tokens needs one budget per prompt")
-    for b, p in enumerate(prompts):
-        if not p:
-            raise UserError(f"prompt {b} is empty; give at least one token (e.g. the BOS id)")
-        if len(p) >= cfg.n_positions:
-            raise UserError(f"prompt {b} has {len(p)} tokens; the model's context is {cfg.n_positions}")
-        budgets[b] = max(0, min(budgets[b], cfg.n_positions - len(p)))
-    device = model.wte.weight.device
-    ids, pad = left_pad(prompts, pad_id, device)
-    T = ids.size(1)
-    steps = max(budgets)
-    if steps == 0:
-        for b in range(B):
-            yield Event(b, -1, "length")
+    if not prompts:
         return
-    cache = KVCache.for_model(cfg, B, min(T + steps, cfg.n_positions), model.wte.weight.dtype, device)
-    history = ids.masked_fill(pad, cfg.vocab_size)  # (B, T); padding ids >= V are ignored by processors
-    pos = (~pad).sum(1, keepdim=True) - 1  # (B, 1) position of each row's last token
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    active = [budgets[b] > 0 for b in range(B)]
-    for b in range(B):
-        if not active[b]:
-            yield Event(b, -1, "length")
-    logits = prefill(model, ids, pad, cache)
-    for step in range(steps):
-        tok = sample(logits, history, sampling, rng)  # (B,)
-        is_eos = torch.isin(tok, eos).tolist() if len(eos) else [False] * B
-        toks = tok.tolist()
-        for b in range(B):
-            if not active[b]:
-                continue
-            finish = None
-            if is_eos[b] or (stop is not None and stop(b, toks[b])):
-                finish = "stop"
-            elif step + 1 >= budgets[b]:
-                finish = "length"
-            if finish:
-                active[b] = False
-            yield Event(b, toks[b], finish, is_eos[b])
-        if not any(active):
-            return
-        history = torch.cat([history, tok[:, None]], 1)
-        pos = pos + 1
-        logits = step_fn(model, tok[:, None], pos, cache)
+    need = max(len(p) + n for p, n in zip(prompts, budgets))
+    engine = Engine(model, slots=len(prompts), max_len=need, step_fn=step_fn)
+    for i, (p, n) in enumerate(zip(prompts, budgets)):
+        engine.submit(Request(p, n, sampling, tuple(eos_ids), rng, None if stop is None else _bind(stop, i), key=i))
+    while not engine.idle:
+        yield from engine.step()
+
+
+def _bind(stop: Callable[[int, int], bool], i: int) -> Callable[[int], bool]:
+    return lambda tok: stop(i, tok)
 
 
 def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
@@ -121,8 +208,7 @@ def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens
                  rng: torch.Generator | None = None) -> list[list[int]]:
     """The new ids of each prompt (an ending EOS id included, as transformers returns it)."""
     out: list[list[int]] = [[] for _ in prompts]
-    for ev in generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                       eos_ids=eos_ids, rng=rng):
+    for ev in generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, rng=rng):
         if ev.token >= 0:
-            out[ev.row].append(ev.token)
+            out[ev.key].append(ev.token)
     return out

@@ -1,10 +1,11 @@
-"""Preallocated key/value cache for incremental decoding.
+"""Preallocated key/value cache with one length per row, for batched and continuous decoding.
 
-One tensor pair for all layers, (n_layer, B, nh, S, hs), filled left to right: the model writes
-the keys/values of T new positions at slots [length, length + T) and attends over [0, length + T).
-`pad` marks slots that hold left padding (batched prompts of different lengths) so no query sees them.
+Keys/values of every layer live in (n_layer, B, nh, S, hs) tensors. Each row fills its own slots
+left to right, so rows of different lengths share one batch without padding: a forward over rows
+`rows` (a slice) with T new tokens writes them at slots lengths[b] .. lengths[b] + T - 1 and attends
+over each row's filled slots. A row is reused by setting its length back to 0 (`reset(rows)`).
 
-    cache = KVCache.for_model(config, batch_size=1, max_len=256, dtype=torch.float32)
+    cache = KVCache.for_model(config, batch_size=4, max_len=256, dtype=torch.float32)
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ class KVCache:
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
-        self.pad: torch.Tensor | None = None  # (B, S) bool, True where a slot holds padding
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # filled slots per row
+        self._rows: slice = slice(None)
+        self._start: int | None = None  # common start slot when the rows' lengths are equal
+        self._pos: torch.Tensor | None = None
+        self._end = 0
 
     @classmethod
     def for_model(cls, config: GPTConfig, batch_size: int, max_len: int,
@@ -38,25 +42,45 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.size(1)
 
+    def prepare(self, rows: slice, T: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Set up a forward of T new tokens for `rows`: positions (B, T), attention mask, is_causal.
+
+        The mask (B|1, 1, T, end) is None when every query may see every filled slot (one new token
+        with equal lengths) or when plain causal attention applies (is_causal, from empty rows).
+        """
+        lens = self.lengths[rows]  # (B,)
+        lo, hi = int(lens.min()), int(lens.max())
+        self._end = hi + T
+        if self._end > self.max_len:
+            raise ValueError(f"KV cache full: {self._end} positions requested, room for {self.max_len}")
+        pos = lens[:, None] + torch.arange(T, device=lens.device)  # (B, T)
+        self._rows, self._pos, self._start = rows, pos, (lo if lo == hi else None)
+        if lo == hi:
+            if T == 1:
+                return pos, None, False
+            if lo == 0:
+                return pos, None, True
+        k_slots = torch.arange(self._end, device=lens.device)  # (end,)
+        mask = k_slots[None, None, :] <= pos[:, :, None]  # (B, T, end): a query sees its row's slots up to itself
+        return pos, mask[:, None], False  # (B, 1, T, end)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, nh, T, hs) after the filled slots; return this layer's keys/values so far."""
-        end = self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions requested, room for {self.max_len}")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Write k, v (B, nh, T, hs) at the prepared slots; return this layer's keys/values (B, nh, end, hs)."""
+        rows = self._rows
+        if self._start is not None:  # equal lengths: one contiguous write
+            s = self._start
+            self.k[layer, rows, :, s:s + k.size(2)] = k
+            self.v[layer, rows, :, s:s + v.size(2)] = v
+        else:
+            b = torch.arange(self.batch_size, device=k.device)[rows][:, None]  # (B, 1)
+            self.k[layer, b, :, self._pos] = k.transpose(1, 2)  # indexed view is (B, T, nh, hs)
+            self.v[layer, b, :, self._pos] = v.transpose(1, 2)
+        return self.k[layer, rows, :, :self._end], self.v[layer, rows, :, :self._end]
 
-    def advance(self, n: int) -> None:
-        """Mark n more slots as filled (called once per forward, after every layer wrote)."""
-        self.length += n
+    def advance(self) -> None:
+        """Count the prepared tokens as filled (called once per forward, after every layer wrote)."""
+        self.lengths[self._rows] = self._pos[:, -1] + 1
 
-    def set_padding(self, pad: torch.Tensor) -> None:
-        """pad: (B, T0) bool for the first T0 slots (left padding of the prompts)."""
-        full = torch.zeros(self.batch_size, self.max_len, dtype=torch.bool, device=self.k.device)
-        full[:, : pad.size(1)] = pad
-        self.pad = full if pad.any() else None
-
-    def reset(self) -> None:
-        self.length = 0
-        self.pad = None
+    def reset(self, rows: slice = slice(None)) -> None:
+        """Empty rows so they can take a new sequence."""
+        self.lengths[rows] = 0

@@ -35,24 +35,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim
     return torch.cat((rot.to(x.dtype), x_pass), dim=-1)
 
 
-def attention_mask(T: int, start: int, pad: torch.Tensor | None, device) -> torch.Tensor | None:
-    """Boolean mask (B|1, 1, T, start+T) for queries at slots [start, start+T); None = attend to all.
-
-    A slot sees itself and every earlier non-padding slot. Seeing itself keeps padded query rows
-    (whose outputs are never used) free of NaNs.
-    """
-    if pad is None and T == 1:
-        return None
-    end = start + T
-    q_slots = torch.arange(start, end, device=device)[:, None]  # (T, 1)
-    k_slots = torch.arange(end, device=device)[None, :]  # (1, end)
-    mask = k_slots <= q_slots  # (T, end) causal
-    if pad is not None:
-        mask = (mask[None] & ~pad[:, None, :end]) | (k_slots == q_slots)[None]  # (B, T, end)
-        return mask[:, None]  # (B, 1, T, end)
-    return mask[None, None]  # (1, 1, T, end)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
@@ -142,22 +124,19 @@ class GPT(nn.Module):
         cos, sin = self._rope
         return cos[pos][:, None], sin[pos][:, None]  # (B, 1, T, rd/2)
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None):
-        """Final hidden states (B, T, C) after ln_f. With a cache, idx continues what it holds.
+    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, rows: slice = slice(None)) -> torch.Tensor:
+        """Final hidden states (B, T, C) after ln_f.
 
-        pos (B, T): position ids; default: the slot index (cache.length + arange(T)).
+        With a cache, idx continues the sequences held in cache rows `rows` (each at its own length).
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.n_positions and pos is None:
-            raise ValueError(f"sequence of {start + T} tokens exceeds n_positions {self.config.n_positions}")
-        if pos is None:
-            pos = torch.arange(start, start + T, device=idx.device).expand(B, T)  # (B, T)
-        pad = cache.pad if cache is not None else None
-        mask = attention_mask(T, start, pad, idx.device)
-        causal = mask is not None and start == 0 and pad is None  # plain causal prefill: SDPA's fast path
-        if causal:
-            mask = None
+        if cache is None:
+            if T > self.config.n_positions:
+                raise ValueError(f"sequence of {T} tokens exceeds n_positions {self.config.n_positions}")
+            pos = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
+            mask, causal = None, True
+        else:
+            pos, mask, causal = cache.prepare(rows, T)
         x = self.wte(idx)  # (B, T, C)
         if self.config.family == "gpt2":
             x = x + self.wpe(pos)
@@ -165,13 +144,13 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x, rope, mask, causal, cache)
         if cache is not None:
-            cache.advance(T)
+            cache.advance()
         return self.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None,
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, rows: slice = slice(None),
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab_size), or (B, 1, vocab_size) with last_only (prefill for decoding)."""
-        x = self.hidden(idx, cache, pos)
+        x = self.hidden(idx, cache, rows)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)

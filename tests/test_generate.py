@@ -7,7 +7,7 @@ import torch
 
 from kogpt.checkpoint import load_model
 from kogpt.errors import UserError
-from kogpt.generate import generate, generate_ids
+from kogpt.generate import Engine, Request, generate, generate_ids
 from kogpt.sampling import GREEDY, SamplingConfig, sample
 
 EOS = 2
@@ -66,7 +66,7 @@ def test_rows_stop_on_eos_budget_and_stop_callback(hf_dir):
     eos = next(t for t in free[0][2:] if t not in others)  # pretend this token of row 0 is EOS
     events = list(generate(model, ps, max_new_tokens=[12, 5, 12], eos_ids=[eos],
                            stop=lambda row, tok: row == 2 and tok == free[2][1]))
-    rows = {b: [e for e in events if e.row == b] for b in range(3)}
+    rows = {b: [e for e in events if e.key == b] for b in range(3)}
     cut = free[0].index(eos) + 1
     assert [e.token for e in rows[0]] == free[0][:cut] and rows[0][-1].finish == "stop" and rows[0][-1].is_eos
     assert [e.token for e in rows[1]] == free[1][:5] and rows[1][-1].finish == "length"
@@ -83,3 +83,37 @@ def test_budget_is_capped_by_the_context(hf_dir):
         list(generate(model, prompts([128]), max_new_tokens=1))
     with pytest.raises(UserError, match="empty"):
         list(generate(model, [[]], max_new_tokens=1))
+
+
+def test_requests_joining_mid_decode_get_their_solo_output(hf_dir):
+    """Continuous batching: a request submitted while others decode joins at the next step and
+    produces exactly what it produces alone; a finished request frees its row for the queue."""
+    model = load_model(hf_dir)
+    ps = prompts([5, 12, 3, 8])
+    s = SamplingConfig(do_sample=False, repetition_penalty=1.5)
+    alone = [generate_ids(model, [p], max_new_tokens=n, sampling=s)[0] for p, n in zip(ps, (10, 6, 9, 7))]
+    engine = Engine(model, slots=2)
+    out: dict[int, list[int]] = {i: [] for i in range(4)}
+    engine.submit(Request(ps[0], 10, s, key=0))
+    step = 0
+    while not engine.idle or step < 3:
+        if step in (1, 2, 3):  # three more arrive while request 0 decodes; only two rows exist
+            i = step
+            engine.submit(Request(ps[i], (10, 6, 9, 7)[i], s, key=i))
+        for ev in engine.step():
+            out[ev.key].append(ev.token)
+        assert len(engine.rows) <= 2
+        step += 1
+    assert [out[i] for i in range(4)] == alone
+
+
+def test_cancel_frees_the_row(hf_dir):
+    model = load_model(hf_dir)
+    engine = Engine(model, slots=1)
+    engine.submit(Request(prompts([4])[0], 50, key="a"))
+    engine.submit(Request(prompts([6])[0], 3, key="b"))
+    engine.step()
+    assert [a.req.key for a in engine.rows.values()] == ["a"] and len(engine.queue) == 1
+    assert engine.cancel("a") and not engine.rows
+    keys = [ev.key for _ in range(5) for ev in engine.step()]
+    assert keys == ["b"] * 3 and engine.idle and not engine.cancel("a")

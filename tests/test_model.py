@@ -63,26 +63,24 @@ def test_greedy_tokens_match_transformers_generate(hf_model, hf_dir):
 
 
 @torch.no_grad()
-def test_left_padded_batch_equals_rows_alone(hf_dir):
-    """Batched prompts of different lengths (left padding) give each row's unpadded logits."""
+def test_rows_of_different_lengths_share_one_cache(hf_dir):
+    """Rows at different lengths in one batch give each row's own logits (no padding involved)."""
     model = load_model(hf_dir)
     g = torch.Generator().manual_seed(3)
-    rows = [torch.randint(0, 1000, (n,), generator=g) for n in (5, 9)]
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(2, T, dtype=torch.long)
-    pad = torch.ones(2, T, dtype=torch.bool)
+    rows = [torch.randint(0, 1000, (n,), generator=g) for n in (5, 9, 2)]
+    cache = KVCache.for_model(model.config, 3, 16)
+    last = [model(r[None], cache, slice(b, b + 1), last_only=True)[0, -1] for b, r in enumerate(rows)]
+    assert cache.lengths.tolist() == [5, 9, 2]
+    steps = torch.tensor([[11, 13], [12, 14], [15, 16]])
+    out = model(steps, cache)  # two new tokens per row, each row at its own position
+    assert cache.lengths.tolist() == [7, 11, 4]
     for b, r in enumerate(rows):
-        ids[b, T - len(r):], pad[b, T - len(r):] = r, False
-    pos = ((~pad).cumsum(1) - 1).clamp(min=0)  # positions count real tokens only
-    cache = KVCache.for_model(model.config, 2, T + 3)
-    cache.set_padding(pad)
-    last = model(ids, cache, pos, last_only=True)[:, -1]
-    step = torch.tensor([[11], [12]])
-    nxt = model(step, cache, pos[:, -1:] + 1)[:, -1]
-    for b, r in enumerate(rows):
-        alone = model(torch.cat([r, step[b]])[None])[0]
-        torch.testing.assert_close(last[b], alone[-2], atol=ATOL, rtol=0)
-        torch.testing.assert_close(nxt[b], alone[-1], atol=ATOL, rtol=0)
+        alone = model(torch.cat([r, steps[b]])[None])[0]
+        torch.testing.assert_close(last[b], alone[len(r) - 1], atol=ATOL, rtol=0)
+        torch.testing.assert_close(out[b], alone[len(r):], atol=ATOL, rtol=0)
+    cache.reset(slice(1, 2))  # a freed row takes a new sequence
+    again = model(rows[2][None], cache, slice(1, 2))[0]
+    torch.testing.assert_close(again, model(rows[2][None])[0], atol=ATOL, rtol=0)
 
 
 def test_half_rotation_is_not_gptj():
