@@ -25,24 +25,31 @@ from .convert import generation_from_hf, generation_to_hf
 from .errors import UserError
 from .generate import generate
 from .model import GPT
+from .quantize import quantize_int8
 from .sampling import SamplingConfig
 from .tokenizer import StreamDecoder, Tokenizer
 
+DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "int8")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingConfig)}
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """torch dtype for 'fp32'/'bf16'/'fp16' (or their long names); None or 'auto' = the checkpoint's."""
+    """torch dtype for 'fp32'/'bf16'/'fp16' (or their long names); None or 'auto' = the checkpoint's.
+
+    'int8' is not a dtype of its own: from_pretrained loads bf16 and quantizes the linear layers.
+    """
     if name is None or isinstance(name, torch.dtype):
         return name
     if name == "auto":
         return None
+    if name == "int8":
+        return torch.bfloat16
     try:
         return DTYPES[name]
     except KeyError:
-        raise UserError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}") from None
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}") from None
 
 
 def default_device() -> str:
@@ -125,6 +132,8 @@ class KoGPT:
         """Load a model folder or hub id (optionally at a revision) with its tokenizer."""
         folder = resolve(name_or_path, revision)
         model = load_model(folder, parse_dtype(dtype), device or default_device())
+        if dtype == "int8":
+            model = quantize_int8(model)
         try:
             tokenizer = Tokenizer.from_dir(folder)
         except (OSError, ValueError) as e:

@@ -219,6 +219,8 @@ def save_model(model: GPT, folder: str | os.PathLike) -> None:
     """Write config.json and model.safetensors in HF format (transformers loads the folder)."""
     folder = Path(folder)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if any(k.endswith("qweight") for k in sd):
+        raise CheckpointError("an int8-quantized model cannot be saved in HF format; save the float model")
     hf = state_dict_to_hf(sd, model.config)
     dtype = model.wte.weight.dtype
     atomic_write(folder / SAFETENSORS_FILE, lambda p: save_file(hf, str(p), metadata={"format": "pt"}))

@@ -7,6 +7,8 @@ import sys
 
 from ..errors import UserError
 
+DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "int8")  # as kogpt.api.DTYPE_NAMES (not imported: keeps --help fast)
+
 DEFAULT_MODEL: str | None = None  # the bundled model, once kogpt ships one
 
 
@@ -17,8 +19,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         + (f" (default: {DEFAULT_MODEL})" if DEFAULT_MODEL else ""))
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit), e.g. KoGPT6B-ryan1.5b-float16")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="weights dtype (default: the checkpoint's)")
+    g.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
+                   help="weights dtype (default: the checkpoint's); int8 = int8 weights with bf16 activations")
     g.add_argument("-d", "--debug", action="store_true", help="show token ids, timings and full tracebacks")
 
 
