@@ -1,0 +1,166 @@
+"""Speed and memory of kogpt against transformers on the same weights, measured in one run.
+
+For each dtype: batch-1 and batch-8 greedy decode tokens/s (32-token prompts, 128 new tokens),
+time to first token of a 512-token prompt, and load time and peak RSS (each load in a fresh
+subprocess). kogpt and transformers alternate within every repetition and the median is reported,
+so machine noise hits both alike; ratios are kogpt / transformers (time ratios: lower is better).
+
+    rows = run_bench(folder, dtypes=["fp32", "bf16", "int8"]); print(format_table(rows))
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT, NEW, LONG = 32, 128, 512
+_PEER_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+
+
+def make_random_checkpoint(folder: Path, preset: str, dtype: str = "fp32", seed: int = 0) -> Path:
+    """A random-init transformers model of a kogpt preset's shape, saved with save_pretrained."""
+    import transformers
+
+    from .config import GPTConfig
+    from .convert import config_to_hf
+
+    if (folder / "config.json").exists():
+        return folder
+    d = config_to_hf(GPTConfig.preset(preset))
+    hf_cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k != "architectures"})
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=_PEER_DTYPE[dtype])
+    model.save_pretrained(folder)
+    return folder
+
+
+def _kogpt(folder: Path, dtype: str):
+    from .api import parse_dtype
+    from .checkpoint import load_model
+    from .quantize import quantize_int8
+
+    model = load_model(folder, parse_dtype(dtype), "cpu")
+    return quantize_int8(model) if dtype == "int8" else model
+
+
+def _kogpt_generate(model, ids: torch.Tensor, n: int):
+    from .generate import generate_ids
+
+    return generate_ids(model, ids.tolist(), max_new_tokens=n)
+
+
+def _hf(folder: Path, dtype: str):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=_PEER_DTYPE[dtype]).eval()
+
+
+def _hf_generate(model, ids: torch.Tensor, n: int):
+    with torch.inference_mode():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                              min_new_tokens=n, pad_token_id=0)
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True) -> dict:
+    """Decode tokens/s (batch 1 and 8) and time to first token, kogpt and (optionally) transformers."""
+    cfg = json.loads((folder / "config.json").read_text())
+    vocab, ctx = cfg["vocab_size"], cfg.get("n_positions", 2048)
+    new = min(NEW, ctx - PROMPT)  # tiny test shapes have short contexts
+    g = torch.Generator().manual_seed(0)
+    ids1, ids8 = torch.randint(5, vocab, (1, PROMPT), generator=g), torch.randint(5, vocab, (8, PROMPT), generator=g)
+    long = torch.randint(5, vocab, (1, min(LONG, ctx - 1)), generator=g)
+    engines = {"kogpt": (_kogpt(folder, dtype), _kogpt_generate)}
+    if peer and dtype != "int8":
+        engines["transformers"] = (_hf(folder, dtype), _hf_generate)
+    for model, gen in engines.values():  # warm-up: first calls allocate and pick kernels
+        gen(model, ids1, 4)
+        gen(model, long[:, :64], 1)
+    samples: dict[str, dict[str, list[float]]] = {e: {"b1": [], "b8": [], "ttft": []} for e in engines}
+    for _ in range(repeats):
+        for name, (model, gen) in engines.items():
+            samples[name]["b1"].append(new / _time(lambda: gen(model, ids1, new)))
+            samples[name]["b8"].append(8 * new / _time(lambda: gen(model, ids8, new)))
+            samples[name]["ttft"].append(_time(lambda: gen(model, long, 1)))
+    return {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
+
+
+_LOAD_SCRIPT = """
+import resource, sys, time, json
+from pathlib import Path
+import torch
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+which, folder, dtype = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+from kogpt import bench
+t = time.perf_counter()
+model = bench._kogpt(folder, dtype) if which == "kogpt" else bench._hf(folder, dtype)
+dt = time.perf_counter() - t
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+weights = sum(t.numel() * t.element_size() for t in {id(p): p for p in list(model.parameters()) + list(model.buffers())}.values())
+print(json.dumps({"load_s": dt, "peak_rss_mb": (peak - base) / 1024, "weights_mb": weights / 2**20}))
+"""
+
+
+def measure_load(folder: Path, dtype: str, which: str) -> dict:
+    """Load time and peak RSS growth of one load in a fresh process (imports excluded)."""
+    r = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, which, str(folder), dtype],
+                       capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"load benchmark failed: {r.stderr.strip().splitlines()[-1:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, peer: bool = True,
+              log=print) -> list[dict]:
+    """One row per dtype with kogpt and transformers numbers and their ratios."""
+    rows, peer_speed = [], {}
+    for dtype in dtypes:
+        log(f"[{dtype}] decode speed ...")
+        speed = measure_speed(folder, dtype, repeats, peer)
+        if "transformers" in speed:
+            peer_speed[dtype] = speed["transformers"]
+        row = {"dtype": dtype, **{f"kogpt_{k}": v for k, v in speed["kogpt"].items()}}
+        log(f"[{dtype}] load time and peak RSS ...")
+        row.update({f"kogpt_{k}": v for k, v in measure_load(folder, dtype, "kogpt").items()})
+        peer_dtype = "fp32" if dtype == "int8" else dtype  # int8 is compared with transformers fp32
+        if peer:
+            if peer_dtype not in peer_speed:
+                peer_speed[peer_dtype] = measure_speed(folder, peer_dtype, repeats)["transformers"]
+            row.update({f"hf_{k}": v for k, v in peer_speed[peer_dtype].items()})
+            row.update({f"hf_{k}": v for k, v in measure_load(folder, peer_dtype, "transformers").items()})
+            row["peer_dtype"] = peer_dtype
+            for k in ("b1", "b8"):
+                row[f"ratio_{k}"] = row[f"kogpt_{k}"] / row[f"hf_{k}"]
+            for k in ("ttft", "load_s"):
+                row[f"ratio_{k}"] = row[f"kogpt_{k}"] / row[f"hf_{k}"]
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: one line per dtype, kogpt / transformers and the ratio for each measure."""
+    head = ("| dtype | decode b1 tok/s (× hf) | decode b8 tok/s (× hf) | TTFT 512 s (× hf) | load s (× hf) "
+            "| peak RSS / weights |\n|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        def cell(k, fmt):
+            if f"hf_{k}" not in r:
+                return format(r[f"kogpt_{k}"], fmt)
+            return f"{r[f'kogpt_{k}']:{fmt}} / {r[f'hf_{k}']:{fmt}} ({r[f'ratio_{k}']:.2f}×)"
+        peer = f" vs hf {r['peer_dtype']}" if r.get("peer_dtype", r["dtype"]) != r["dtype"] else ""
+        rss = r["kogpt_peak_rss_mb"] / max(r["kogpt_weights_mb"], 1e-9)
+        lines.append(f"| {r['dtype']}{peer} | {cell('b1', '.1f')} | {cell('b8', '.1f')} | {cell('ttft', '.3f')} "
+                     f"| {cell('load_s', '.2f')} | {rss:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""`kogpt bench` runs end to end on a tiny shape and reports both engines (numbers are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_reports_kogpt_and_transformers(tmp_path):
+    out = tmp_path / "bench.json"
+    model = tmp_path / "model"
+    from kogpt.bench import make_random_checkpoint
+
+    make_random_checkpoint(model, "tiny-gpt2")
+    r = subprocess.run([sys.executable, "-m", "kogpt", "bench", "--model", str(model), "--dtype", "fp32",
+                        "--dtype", "int8", "--repeats", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["dtype"] for row in rows] == ["fp32", "int8"]
+    for row in rows:
+        for k in ("b1", "b8", "ttft", "load_s"):
+            assert row[f"kogpt_{k}"] > 0 and row[f"hf_{k}"] > 0 and row[f"ratio_{k}"] > 0
+    assert rows[1]["peer_dtype"] == "fp32"
+    assert "| fp32 |" in r.stdout and "| int8 vs hf fp32 |" in r.stdout
+
+
+def test_bench_rejects_a_folder_without_config(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kogpt", "bench", "--model", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no config.json" in r.stderr
