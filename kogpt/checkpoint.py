@@ -3,7 +3,7 @@
 Resolution: a local folder; else a hub id (optional revision) through `huggingface_hub`.
 Loading: `model.safetensors`, sharded safetensors (`model.safetensors.index.json`), or
 `pytorch_model.bin` (+ index) read with `torch.load(weights_only=True)`; nothing from the folder is
-ever executed or unpickled. Tensors are cast one at a time into a model built on the meta device,
+ever executed or unpickled. Tensors are read (not memory-mapped) and cast one at a time into a model built on the meta device,
 so choosing bf16 never materializes an fp32 copy. Saving writes every file atomically.
 
     model = load_model(resolve("skt/kogpt2-base-v2"), dtype=torch.bfloat16)
@@ -12,13 +12,13 @@ so choosing bf16 never materializes an fp32 copy. Saving writes every file atomi
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import GPTConfig
@@ -135,7 +135,11 @@ def load_model(folder: str | os.PathLike, dtype: torch.dtype | None = None,
     with ExitStack() as stack:
         where: dict[str, tuple[Path, object]] = {}
         for f in files:
-            handle = _open_safetensors(f, stack) if kind == "safetensors" else _load_bin(f)
+            if kind == "safetensors":
+                handle = SafetensorsFile(f)
+                stack.callback(handle.close)
+            else:
+                handle = _load_bin(f)
             for name in handle.keys():
                 where[name] = (f, handle)
 
@@ -143,7 +147,7 @@ def load_model(folder: str | os.PathLike, dtype: torch.dtype | None = None,
             f, handle = where[name]
             try:
                 return handle.get_tensor(name) if kind == "safetensors" else handle[name]
-            except (SafetensorError, OSError) as e:
+            except OSError as e:
                 raise CheckpointError(f"{f}: cannot read tensor {name!r} ({e})") from None
 
         if dtype is None:
@@ -172,11 +176,55 @@ def build_model(config: GPTConfig, state_dict: dict[str, torch.Tensor], device="
     return model.to(device).eval()
 
 
-def _open_safetensors(path: Path, stack: ExitStack):
-    try:
-        return stack.enter_context(safe_open(str(path), framework="pt"))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """Tensors of a .safetensors file, read with plain file reads rather than a memory map.
+
+    Only the tensors a caller keeps count toward the process's memory: loading never holds the
+    file's pages and the model at once. Header, dtypes, shapes and offsets are checked against the
+    file size, so a truncated or corrupt file fails with a CheckpointError naming it.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "rb")
+        size = os.fstat(self.f.fileno()).st_size
+        try:
+            n = int.from_bytes(self.f.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError("bad header length")
+            header = json.loads(self.f.read(n))
+            header.pop("__metadata__", None)
+            self.base = 8 + n
+            for name, info in header.items():
+                begin, end = info["data_offsets"]
+                numel = math.prod(info["shape"])
+                if info["dtype"] not in _ST_DTYPES or end - begin != numel * _ST_DTYPES[info["dtype"]].itemsize \
+                        or not 0 <= begin <= end <= size - self.base:
+                    raise ValueError(f"tensor {name!r} has an inconsistent dtype, shape or offsets")
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.f.close()
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+        self.header = header
+
+    def keys(self):
+        return self.header.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        t = torch.empty(info["shape"], dtype=_ST_DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        self.f.seek(self.base + begin)
+        if end > begin and self.f.readinto(t.reshape(-1).view(torch.uint8).numpy()) != end - begin:
+            raise CheckpointError(f"{self.path} is truncated (tensor {name!r})")
+        return t
+
+    def close(self) -> None:
+        self.f.close()
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:

@@ -96,6 +96,10 @@ def test_dtype_choice_and_checkpoint_default(hf_dir, dtype, tmp_path, ids):
 
 
 def test_missing_and_corrupt_files_name_the_file(hf_dir, tmp_path):
+    data = (hf_dir / "model.safetensors").read_bytes()
+    (hf_dir / "model.safetensors").write_bytes(data[:-100])  # truncated download
+    with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file"):
+        load_model(hf_dir)
     (hf_dir / "model.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_model(hf_dir)
