@@ -40,6 +40,7 @@ class Request:
     rng: torch.Generator | None = None
     stop: Callable[[int], bool] | None = None  # called with each new non-EOS id; True ends the request
     key: Any = None  # the caller's handle, echoed in every Event
+    logprobs: int | None = None  # report the chosen id's log-probability and this many top alternatives
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class Event:
     token: int  # the new id (-1 when a request ends without one: a zero budget or cancel)
     finish: str | None = None  # None while the request continues; "stop" (EOS or stop()) or "length"
     is_eos: bool = False
+    logprob: float | None = None  # log p(token) under the model (before sampling processors), if asked
+    top: tuple[tuple[int, float], ...] = ()  # the Request.logprobs most likely (id, log p), if asked
 
 
 @dataclass
@@ -143,8 +146,8 @@ class Engine:
             first = self.rows[rows[0]].req
             logits = torch.stack([self.rows[r].logits for r in rows])  # (G, V)
             tok = sample(logits, self._history(rows), first.sampling, first.rng).tolist()
-            for row, t in zip(rows, tok):
-                events.append(self._advance(row, t))
+            for i, (row, t) in enumerate(zip(rows, tok)):
+                events.append(self._advance(row, t, logits[i]))
 
     def _history(self, rows: list[int]) -> torch.Tensor:
         """(G, T) ids of the rows, left-filled with V (ignored by the processors); (G, 0) if unused."""
@@ -158,8 +161,15 @@ class Engine:
             out[i, T - len(h):] = torch.tensor(h)
         return out.to(device)
 
-    def _advance(self, row: int, tok: int) -> Event:
+    def _advance(self, row: int, tok: int, logits: torch.Tensor) -> Event:
         a = self.rows[row]
+        logprob, top = None, ()
+        if a.req.logprobs is not None:
+            logp = logits.float().log_softmax(-1)  # (V,)
+            logprob = logp[tok].item()
+            if a.req.logprobs > 0:
+                values, ids = logp.topk(min(a.req.logprobs, logp.numel()))
+                top = tuple(zip(ids.tolist(), values.tolist()))
         a.generated += 1
         a.history.append(tok)
         a.logits = None
@@ -171,7 +181,7 @@ class Engine:
             finish = "length"
         if finish:
             self._release(row)
-        return Event(a.req.key, tok, finish, is_eos)
+        return Event(a.req.key, tok, finish, is_eos, logprob, top)
 
     def _release(self, row: int) -> None:
         del self.rows[row]

@@ -81,6 +81,12 @@ class KVCache:
         """Count the prepared tokens as filled (called once per forward, after every layer wrote)."""
         self.lengths[self._rows] = self._pos[:, -1] + 1
 
+    def select(self, rows: torch.Tensor, lengths: torch.Tensor | None = None) -> None:
+        """Rebuild the batch from existing rows: new row r is a copy of old row rows[r], cut to lengths[r]
+        when given (e.g. one prefilled prompt copied once per continuation to score)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]  # (n_layer, R, nh, S, hs)
+        self.lengths = (self.lengths[rows] if lengths is None else lengths).clone()
+
     def reset(self, rows: slice = slice(None)) -> None:
         """Empty rows so they can take a new sequence."""
         self.lengths[rows] = 0

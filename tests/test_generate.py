@@ -117,3 +117,18 @@ def test_cancel_frees_the_row(hf_dir):
     assert engine.cancel("a") and not engine.rows
     keys = [ev.key for _ in range(5) for ev in engine.step()]
     assert keys == ["b"] * 3 and engine.idle and not engine.cancel("a")
+
+
+@torch.no_grad()
+def test_logprobs_are_the_model_distribution(hf_dir):
+    model = load_model(hf_dir)
+    p = prompts([6])[0]
+    engine = Engine(model, slots=1)
+    engine.submit(Request(p, 3, key=0, logprobs=4))
+    events = [ev for _ in range(3) for ev in engine.step()]
+    ids = torch.tensor([p + [ev.token for ev in events]])
+    logp = model(ids)[0, len(p) - 1:-1].log_softmax(-1)  # (3, V): the distribution each token came from
+    for t, ev in enumerate(events):
+        assert ev.logprob == pytest.approx(logp[t, ev.token].item(), abs=1e-4)
+        assert [i for i, _ in ev.top] == logp[t].topk(4).indices.tolist()
+        assert ev.top[0][0] == ev.token  # greedy picks the most likely id
