@@ -25,6 +25,7 @@ from .convert import generation_from_hf, generation_to_hf
 from .errors import UserError
 from .generate import generate
 from .model import GPT
+from .packing import pack_linears
 from .quantize import quantize_int8
 from .sampling import SamplingConfig
 from .tokenizer import StreamDecoder, Tokenizer
@@ -80,7 +81,7 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
 
-class _Row:
+class TextStream:
     """Detokenizes one row as it grows, finds stop strings and holds back text that may start one."""
 
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
@@ -132,8 +133,8 @@ class KoGPT:
         """Load a model folder or hub id (optionally at a revision) with its tokenizer."""
         folder = resolve(name_or_path, revision)
         model = load_model(folder, parse_dtype(dtype), device or default_device())
-        if dtype == "int8":
-            model = quantize_int8(model)
+        # inference layouts: int8 weights, or oneDNN-packed bf16/fp16 weights on CPU
+        model = quantize_int8(model) if dtype == "int8" else pack_linears(model)
         try:
             tokenizer = Tokenizer.from_dir(folder)
         except (OSError, ValueError) as e:
@@ -208,7 +209,7 @@ class KoGPT:
         sampling, max_new, max_len = self.options(**options)
         prompts = [p for p in prompts for _ in range(num_return_sequences)]
         encoded = [self.encode_prompt(p) for p in prompts]
-        rows = [_Row(self.tokenizer, stop) for _ in prompts]
+        rows = [TextStream(self.tokenizer, stop) for _ in prompts]
         rng = None
         if seed is not None:
             rng = torch.Generator(self.model.wte.weight.device).manual_seed(seed)
