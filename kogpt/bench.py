@@ -42,12 +42,9 @@ def make_random_checkpoint(folder: Path, preset: str, dtype: str = "fp32", seed:
 
 
 def _kogpt(folder: Path, dtype: str):
-    from .api import parse_dtype
-    from .checkpoint import load_model
-    from .quantize import quantize_int8
+    from .api import load_inference_model
 
-    model = load_model(folder, parse_dtype(dtype), "cpu")
-    return quantize_int8(model) if dtype == "int8" else model
+    return load_inference_model(folder, dtype, "cpu")
 
 
 def _kogpt_generate(model, ids: torch.Tensor, n: int):
