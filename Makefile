@@ -22,7 +22,8 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/decode.py --json bench-decode.json
+	$(PY) benchmarks/train_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

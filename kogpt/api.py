@@ -83,7 +83,7 @@ class GenerationDefaults:
 @dataclass
 class Completion:
     prompt: str
-    text: str  # the continuation only, stop string and EOS excluded
+    text: str  # the continuation only (prompt + text is the whole text), stop string and EOS excluded
     token_ids: list[int]  # ids of the continuation (EOS excluded)
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
@@ -91,8 +91,8 @@ class Completion:
 class TextStream:
     """Detokenizes one row as it grows, finds stop strings and holds back text that may start one."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]):
-        self.decoder = StreamDecoder(tokenizer)
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], prompt_ids: Sequence[int] = ()):
+        self.decoder = StreamDecoder(tokenizer, context=prompt_ids)  # keeps the space after the prompt
         self.stops = [s for s in stops if s]
         self.text, self.ids, self.sent, self.stopped = "", [], 0, False
 
@@ -214,7 +214,7 @@ class KoGPT:
         sampling, max_new, max_len = self.options(**options)
         prompts = [p for p in prompts for _ in range(num_return_sequences)]
         encoded = [self.encode_prompt(p) for p in prompts]
-        rows = [TextStream(self.tokenizer, stop) for _ in prompts]
+        rows = [TextStream(self.tokenizer, stop, e) for e in encoded]
         rng = None
         if seed is not None:
             rng = torch.Generator(self.model.wte.weight.device).manual_seed(seed)

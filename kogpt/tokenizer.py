@@ -356,16 +356,19 @@ class StreamDecoder:
     left context (which keeps Metaspace's leading-space handling identical to a full decode).
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, context: Sequence[int] = ()):
+        """context: ids already shown (e.g. the prompt's last few), so the first piece keeps the
+        space a word-initial `▁` stands for: pieces equal decode(context + ids)[len(decode(context)):]."""
         self.tok = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._drop = tokenizer._special_ids if skip_special_tokens else frozenset()
+        self._context = [int(i) for i in context if int(i) not in self._drop][-8:]
         self._reset()
 
     def _reset(self) -> None:
-        self._ids: list[int] = []  # window: left context ids[:read], then not-yet-emitted ids
-        self._read = 0
-        self._prefix = ""  # decode(ids[:read])
+        self._ids: list[int] = list(self._context)  # window: left context ids[:read], then not-yet-emitted ids
+        self._read = len(self._ids)
+        self._prefix = self._decode(self._ids)  # decode(ids[:read])
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=self.skip_special_tokens)

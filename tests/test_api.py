@@ -31,7 +31,8 @@ def test_text_generation_matches_transformers(gpt, hf_model, kw):
     expected = hf_greedy(hf_model, ids, 24, **kw)
     [c] = gpt.complete([PROMPT], greedy=True, max_new_tokens=24, **kw)
     assert c.token_ids == [t for t in expected if t != 1]
-    assert c.text == gpt.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    full = gpt.tokenizer.decode(ids + c.token_ids, skip_special_tokens=True)
+    assert PROMPT + c.text == full  # the continuation keeps the space a word-initial ▁ stands for
     assert gpt.generate(PROMPT, greedy=True, max_new_tokens=24, **kw) == c.text
 
 
@@ -117,3 +118,14 @@ def test_bad_options_are_user_errors(gpt):
         gpt.generate(PROMPT, temprature=0.5)
     with pytest.raises(UserError, match="max_new_tokens"):
         gpt.generate(PROMPT, max_new_tokens=0)
+
+
+def test_continuation_keeps_the_space_after_the_prompt(gpt):
+    """A continuation starting with a word-initial ▁ token begins with a space."""
+    tok = gpt.tokenizer
+    word = next(i for i in range(tok.vocab_size) if (tok.id_to_token(i) or "").startswith("\u2581")
+                and len(tok.id_to_token(i)) > 1)
+    [c] = gpt.complete([PROMPT], greedy=True, max_new_tokens=1, bad_words_ids=[[i] for i in range(1000) if i != word])
+    assert c.token_ids == [word] and c.text == " " + tok.id_to_token(word)[1:]
+    assert "".join(gpt.stream(PROMPT, greedy=True, max_new_tokens=1,
+                              bad_words_ids=[[i] for i in range(1000) if i != word])) == c.text

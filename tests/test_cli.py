@@ -30,7 +30,8 @@ def test_generate_json_equals_transformers_greedy(model_dir, hf_model, korean_to
                                  do_sample=False, max_new_tokens=24, pad_token_id=3, eos_token_id=1, **kw)
     assert out["completion_token_ids"] == [t for t in expected[0, len(ids):].tolist() if t != 1]
     assert out["prompt"] == PROMPT and out["finish_reason"] in ("stop", "length")
-    assert out["completion"] == korean_tokenizer.decode(out["completion_token_ids"], skip_special_tokens=True)
+    full = korean_tokenizer.decode(ids + out["completion_token_ids"], skip_special_tokens=True)
+    assert PROMPT + out["completion"] == full
 
 
 def test_generate_reads_prompt_file_and_stdin(model_dir, tmp_path):
