@@ -1,0 +1,70 @@
+"""`kogpt train-tokenizer`: a SentencePiece-style Korean BPE from text, with chars/token on held-out text.
+
+Documents are read, NFC-normalized and deduplicated exactly as `kogpt prepare` does, and the
+documents prepare would hold out for validation (same --val-fraction) are held out here too: the
+tokenizer never sees them, and characters per token is measured on them, per source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+NAME = "train-tokenizer"
+HELP = "train a Korean BPE tokenizer (NFC, Metaspace, byte fallback) on text files"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
+                   help="text files, folders (each sub-folder is a source), globs, or NAME=PATH")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for tokenizer.json and its configs")
+    p.add_argument("--vocab-size", type=int, default=51200, metavar="N", help="ids in total, specials included (default: 51200)")
+    p.add_argument("--min-frequency", type=int, default=2, metavar="N", help="merge pairs seen at least N times (default: 2)")
+    p.add_argument("--sample-mb", type=float, default=0, metavar="MB",
+                   help="train on about this many MB, taken evenly from every source (default: 0, all)")
+    p.add_argument("--val-fraction", type=float, default=0.005, metavar="F",
+                   help="documents held out per source for the chars/token report; use prepare's (default: 0.005)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ..data import Deduper, chars_per_token, find_sources, scan, source_documents, split_documents
+    from ..errors import UserError
+    from ..tokenizer import train_tokenizer
+
+    sources = find_sources(args.input)
+    infos = {p: scan(p) for s in sources for p in s.files}
+    if not any(i.has_text for i in infos.values()):
+        raise UserError(f"the corpus is empty (no text in {' '.join(args.input)})")
+    total = sum(i.size for i in infos.values())
+    keep = min(1.0, args.sample_mb * 1e6 / total) if args.sample_mb > 0 else 1.0
+    held_out: dict[str, list[str]] = {}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kogpt-tok-") as tmp:
+        text = Path(tmp) / "train.txt"
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="read", disable=args.no_progress)
+        with open(text, "w", encoding="utf-8") as f:
+            dedup = Deduper()
+            for src in sources:
+                n = 0
+                for split, doc in split_documents(source_documents(src, infos, dedup, bar), args.val_fraction):
+                    if split == "val":
+                        held_out.setdefault(src.name, []).append(doc)
+                    elif int((n + 1) * keep) > int(n * keep):  # every 1/keep-th document
+                        f.write(doc + "\n")
+                    n += split == "train"
+        bar.close()
+        tok = train_tokenizer([text], args.vocab_size, min_frequency=args.min_frequency,
+                              show_progress=not args.no_progress)
+    tok.save(args.out)
+    print(f"trained a {tok.vocab_size}-token tokenizer in {time.perf_counter() - t0:.0f} s → {args.out}")
+    print("characters per token on held-out documents:")
+    for name, docs in held_out.items():
+        print(f"  {name:<24} {chars_per_token(tok, docs):.2f}")
+    if held_out:
+        print(f"  {'all':<24} {chars_per_token(tok, [d for docs in held_out.values() for d in docs]):.2f}")
+    return 0

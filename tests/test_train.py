@@ -1,0 +1,344 @@
+"""The training loop: schedule and config, overfitting, exact resume, kills, torchrun, HF export, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kogpt.config import GPTConfig
+from kogpt.errors import UserError
+from kogpt.model import GPT
+from kogpt.optim import flops_per_token, lr_at, param_groups
+from kogpt.loss import LMLoss, linear_cross_entropy
+from kogpt.train import LMTask, train
+from kogpt.train_config import TrainConfig, load_config
+from kogpt.train_state import PAUSE_ENV, checkpoints
+
+from test_data import corpus, data_dir, make_tokenizer, tok_dir  # noqa: F401  (session fixtures: a prepared two-source corpus)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(preset="tiny", seq_len=32, batch_size=4, grad_accum=2, max_steps=6, warmup_steps=2, lr=3e-3,
+             eval_every=0, eval_batches=2, sample_tokens=8, log_every=1, save_every=3, keep_last=5,
+             progress=False, peak_flops=1e12, device="cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more threads, and OpenMP threads spin-wait on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_config(data: Path, out: Path, **kw) -> TrainConfig:
+    return TrainConfig(**{**SMALL, "data": str(data), "out": str(out), **kw})
+
+
+def losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(ln) for ln in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def cli_flags(cfg: dict) -> list[str]:
+    flags = []
+    for k, v in cfg.items():
+        flag = "--" + k.replace("_", "-")
+        flags += ([flag] if v else [f"--no-{k.replace('_', '-')}"]) if isinstance(v, bool) else [flag, str(v)]
+    return flags
+
+
+def kogpt(*args, env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kogpt", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def run_a(data_dir, tmp_path_factory) -> Path:  # noqa: F811
+    """An uninterrupted 6-step run with checkpoints at steps 3 and 6."""
+    out = tmp_path_factory.mktemp("run_a")
+    result = train(small_config(data_dir, out))
+    assert result.step == 6 and result.signal is None
+    return out
+
+
+# -- pieces -------------------------------------------------------------------------------------
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=14)
+    lrs = [lr_at(s, **kw) for s in range(16)]
+    assert lrs[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and lrs[4] == 1.0
+    assert all(a > b for a, b in zip(lrs[4:14], lrs[5:14])) and lrs[9] == pytest.approx(0.55)
+    assert lrs[14] == lrs[15] == 0.1
+
+
+def test_weight_decay_groups_follow_nanogpt():
+    model = GPT(GPTConfig.preset("tiny-gpt2"))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert any(p is model.wte.weight for p in decay["params"])  # tied with lm_head, listed once
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    cfg = GPTConfig.preset("kogpt2-base-v2")
+    n = cfg.num_params() - 1024 * 768
+    assert flops_per_token(cfg, 1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_toml_config_with_flag_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('data = "d"\nlr = 1e-3\nmax_steps = 50\ncompile = true\n[weights]\nkowiki = 2\n', encoding="utf-8")
+    cfg = load_config(path, {"max_steps": 7})
+    assert (cfg.data, cfg.lr, cfg.max_steps, cfg.compile, cfg.weights) == ("d", 1e-3, 7, True, {"kowiki": 2})
+    path.write_text("lerning_rate = 1e-3\n", encoding="utf-8")
+    with pytest.raises(UserError, match="unknown key 'lerning_rate'"):
+        load_config(path)
+    path.write_text('max_steps = "ten"\n', encoding="utf-8")
+    with pytest.raises(UserError, match="max_steps must be a int"):
+        load_config(path)
+
+
+# -- the loop -----------------------------------------------------------------------------------
+class OneBatch(LMTask):
+    """The same batch at every step: a task plugged into the loop (as finetuning will)."""
+
+    def micro_batches(self, step, n_micro):
+        return super().micro_batches(0, n_micro)
+
+
+def test_overfits_one_batch(data_dir, tmp_path):  # noqa: F811
+    cfg = small_config(data_dir, tmp_path, max_steps=60, warmup_steps=5, lr=1e-2, grad_accum=1, save_every=0,
+                       sample_tokens=0)
+    train(cfg, task=OneBatch(cfg, json.loads((data_dir / "meta.json").read_text()), _env()))
+    log = losses(tmp_path)
+    assert log[1] > 6.5 and log[60] < 0.5, log  # from ln(1000) ≈ 6.9 to memorized
+
+
+def _env():
+    from kogpt.train import setup_env
+
+    return setup_env("cpu")
+
+
+def test_run_folder(run_a):
+    log = [json.loads(ln) for ln in (run_a / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    val = log[-1]
+    assert val["step"] == 6 and math.log(1000) + 1 > val["val_loss"] > 3  # learning, not yet memorizing
+    assert val["val_ppl"] == pytest.approx(math.exp(val["val_loss"]))
+    assert 0 < val["val_bpb"] < val["val_loss"] / math.log(2)  # more than one byte per token
+    assert set(val["val_loss_by_source"]) == {"reviews", "wiki"}
+    assert isinstance(val["sample"], str) and val["sample"].startswith("대한민국은")
+    assert all(0 < r["mfu"] and r["tok_s"] > 0 for r in log if "loss" in r)
+    assert (run_a / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in checkpoints(run_a / "checkpoints")] == ["step-00000003.pt", "step-00000006.pt"]
+    assert json.loads((run_a / "config.json").read_text())["train"]["max_steps"] == 6
+
+
+def test_resume_gives_the_same_next_step_loss(run_a, data_dir, tmp_path):  # noqa: F811
+    import shutil
+
+    shutil.copytree(run_a / "checkpoints", tmp_path / "checkpoints")
+    shutil.copy(run_a / "log.jsonl", tmp_path)  # holds steps 1-6: resuming drops 4-6 and logs them again
+    (tmp_path / "checkpoints" / "step-00000006.pt").unlink()
+    result = train(small_config(data_dir, tmp_path, resume=True))
+    assert result.step == 6
+    a, b = losses(run_a), losses(tmp_path)
+    assert set(b) == {1, 2, 3, 4, 5, 6}  # the log keeps steps 1-3 and continues
+    assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]  # exactly
+
+
+def test_keep_last_deletes_old_checkpoints(data_dir, tmp_path):  # noqa: F811
+    train(small_config(data_dir, tmp_path, max_steps=5, save_every=1, keep_last=2, sample_tokens=0))
+    assert [p.name for p in checkpoints(tmp_path / "checkpoints")] == ["step-00000004.pt", "step-00000005.pt"]
+
+
+def test_shape_flags_override_the_preset_and_resume(data_dir, tmp_path):  # noqa: F811
+    shape = dict(n_layer=2, n_embd=48, n_head=3, sample_tokens=0, save_every=2)
+    train(small_config(data_dir, tmp_path, max_steps=2, **shape))
+    hf = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert (hf["n_layer"], hf["n_embd"], hf["n_head"], hf["vocab_size"]) == (2, 48, 3, 1000)
+    assert train(small_config(data_dir, tmp_path, max_steps=3, resume=True, **shape)).step == 3  # the same command
+    with pytest.raises(UserError, match="another shape"):
+        train(small_config(data_dir, tmp_path, max_steps=4, resume=True, **{**shape, "n_layer": 3}))
+    with pytest.raises(UserError, match="n_embd .* divisible"):
+        train(small_config(data_dir, tmp_path / "x", n_embd=50, n_head=3))
+
+
+@torch.no_grad()
+def test_final_folder_loads_in_transformers_with_the_same_logits(run_a):
+    import transformers
+
+    from kogpt.checkpoint import load_model
+
+    folder = run_a / "model"
+    ours = load_model(folder)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-4, rtol=0)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert hf_tok.eos_token == "</s>" and hf_tok.decode(hf_tok("안녕하세요")["input_ids"]) == "안녕하세요"
+    state = torch.load(run_a / "checkpoints" / "step-00000006.pt", weights_only=True)  # the same weights
+    torch.testing.assert_close(state["model"]["h.0.attn.qkv.weight"], ours.h[0].attn.qkv.weight)
+
+
+def test_init_from_continues_a_trained_model(run_a, data_dir, tmp_path):  # noqa: F811
+    train(small_config(data_dir, tmp_path, init_from=str(run_a / "model"), max_steps=1, warmup_steps=0,
+                       sample_tokens=0, lr=1e-5))
+    first, a = losses(tmp_path)[1], losses(run_a)
+    assert abs(first - a[6]) < 0.2 and first < a[1] - 0.3  # starts where run_a ended, below a fresh init
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_linear_cross_entropy_equals_autograd(bias):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(70, 16, generator=g, requires_grad=True)  # 70 rows: two full chunks and a partial one
+    head = torch.nn.Linear(16, 50, bias=bias)
+    t = torch.randint(0, 50, (70,), generator=g)
+    loss = linear_cross_entropy(h, head, t)
+    grads = torch.autograd.grad(loss * 3, [h, *head.parameters()])  # a non-unit upstream gradient
+    ref = torch.nn.functional.cross_entropy(head(h), t)
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(grads, torch.autograd.grad(ref * 3, [h, *head.parameters()])):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        rows = linear_cross_entropy(h, head, t, reduction="none")
+    torch.testing.assert_close(rows, torch.nn.functional.cross_entropy(head(h), t, reduction="none"))
+
+
+def test_lm_loss_under_bf16_autocast_matches_the_plain_autocast_path():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny-gpt2"))
+    batch = torch.randint(0, 1024, (3, 33))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = LMLoss(model)(batch)
+        (g_ours,) = torch.autograd.grad(ours, [model.wte.weight])
+        ref = torch.nn.functional.cross_entropy(model(batch[:, :-1]).float().flatten(0, 1), batch[:, 1:].flatten())
+        (g_ref,) = torch.autograd.grad(ref, [model.wte.weight])
+    torch.testing.assert_close(ours, ref, atol=1e-3, rtol=0)
+    torch.testing.assert_close(g_ours, g_ref, atol=2e-4, rtol=2e-2)
+    assert LMLoss(model)(batch, reduction="none").shape == (3,)
+
+
+# -- processes: kills, signals, torchrun, errors ------------------------------------------------
+def _spawn(data: Path, out: Path, env=None, **kw) -> subprocess.Popen:
+    cfg = {**SMALL, "data": data, "out": out, **kw}
+    return subprocess.Popen([sys.executable, "-m", "kogpt", "train", *cli_flags(cfg)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _wait_for(proc: subprocess.Popen, cond, timeout=120):
+    t0 = time.time()
+    while not cond():
+        assert proc.poll() is None, f"training ended before the kill: {proc.stderr.read()}"
+        assert time.time() - t0 < timeout
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_and_mid_save_then_resume(data_dir, tmp_path):  # noqa: F811
+    kw = dict(max_steps=12, save_every=4, sample_tokens=0)
+    ref = tmp_path / "ref"
+    assert kogpt("train", *cli_flags({**SMALL, "data": data_dir, "out": ref, **kw})).returncode == 0
+
+    # mid-save: every save pauses between its temp write and the rename; kill the second (step 8) there
+    out = tmp_path / "mid_save"
+    proc = _spawn(data_dir, out, env={PAUSE_ENV: "2"}, **kw)
+    paused = []
+    _wait_for(proc, lambda: paused.append(proc.stdout.readline()) or sum("paused" in ln for ln in paused) == 2)
+    proc.kill()
+    proc.wait()
+    assert [p.name for p in checkpoints(out / "checkpoints")] == ["step-00000004.pt"]
+    assert list((out / "checkpoints").glob(".step-00000008.pt.*.tmp"))  # the half-done save
+
+    # mid-run: saves pause briefly; kill as soon as step 6 is logged (during steps 6-8 or the step-8 save)
+    out2 = tmp_path / "mid_run"
+    proc = _spawn(data_dir, out2, env={PAUSE_ENV: "0.5"}, **kw)
+    _wait_for(proc, lambda: (out2 / "log.jsonl").exists() and 6 in losses(out2))
+    proc.kill()
+    proc.wait()
+
+    for run in (out, out2):
+        for ckpt in checkpoints(run / "checkpoints"):  # no checkpoint is corrupt
+            assert torch.load(ckpt, weights_only=True)["step"] in (4, 8)
+        r = kogpt("train", *cli_flags({**SMALL, "data": data_dir, "out": run, **kw}), "--resume")
+        assert r.returncode == 0, r.stderr
+        assert "resumed from step" in r.stdout
+        assert not list((run / "checkpoints").glob("*.tmp"))
+        got, want = losses(run), losses(ref)
+        assert set(got) == set(range(1, 13))
+        assert [got[s] for s in range(1, 13)] == pytest.approx([want[s] for s in range(1, 13)], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits(data_dir, tmp_path):  # noqa: F811
+    proc = _spawn(data_dir, tmp_path, env={PAUSE_ENV: "0.3"}, max_steps=1000, save_every=0, sample_tokens=0)
+    _wait_for(proc, lambda: (tmp_path / "log.jsonl").exists() and len(losses(tmp_path)) >= 3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    (ckpt,) = checkpoints(tmp_path / "checkpoints")
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert step == max(losses(tmp_path)) and step < 1000
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(data_dir, tmp_path, fsdp):  # noqa: F811
+    kw = dict(max_steps=4, dtype="float32", save_every=0, sample_tokens=4, eval_batches=4, fsdp=fsdp)
+    one = tmp_path / "one"
+    r = kogpt("train", *cli_flags({**SMALL, "data": data_dir, "out": one, **kw}))
+    assert r.returncode == 0, r.stderr
+    two = tmp_path / "two"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "kogpt", "train", *cli_flags({**SMALL, "data": data_dir, "out": two, **kw})],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert sorted(b) == [1, 2, 3, 4]
+    assert [b[s] for s in b] == pytest.approx([a[s] for s in b], rel=1e-5)
+    val = [json.loads((d / "log.jsonl").read_text().splitlines()[-1]) for d in (one, two)]
+    assert val[1]["val_loss"] == pytest.approx(val[0]["val_loss"], rel=1e-5)
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    assert (two / "model" / "model.safetensors").exists()  # rank 0 exported the model
+
+
+def _one_line_error(r: subprocess.CompletedProcess, *words: str):
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(w in lines[0] for w in words), r.stderr
+
+
+def test_bad_inputs_give_one_line_errors(data_dir, tok_dir, run_a, tmp_path):  # noqa: F811
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+    _one_line_error(kogpt("prepare", "--input", str(tmp_path / "empty.txt"), "--tokenizer", str(tok_dir),
+                          "--out", str(tmp_path / "d")), "corpus is empty")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00broken")
+    _one_line_error(kogpt("prepare", "--input", str(tmp_path / "bad.txt"), "--tokenizer", str(tok_dir),
+                          "--out", str(tmp_path / "d")), "bad.txt is not UTF-8")
+    (tmp_path / "typo.toml").write_text(f'data = "{data_dir}"\nmax_step = 3\n', encoding="utf-8")
+    _one_line_error(kogpt("train", "--config", str(tmp_path / "typo.toml")), "unknown key 'max_step'",
+                    "did you mean 'max_steps'")
+    small = GPT(GPTConfig.preset("tiny-gpt2").replace(vocab_size=500))
+    from kogpt.checkpoint import save_model
+
+    save_model(small, tmp_path / "small")
+    _one_line_error(kogpt("train", "--data", str(data_dir), "--init-from", str(tmp_path / "small"),
+                          "--out", str(tmp_path / "r")), "vocab mismatch", "500", "1000")
+    other = tmp_path / "other"  # a model of the right size whose own tokenizer is not the data's
+    save_model(GPT(GPTConfig.preset("tiny-gpt2").replace(vocab_size=1000)), other)
+    make_tokenizer([data_dir / "tokenizer" / "tokenizer.json"], other, vocab_size=600)  # any other text
+    _one_line_error(kogpt("train", "--data", str(data_dir), "--init-from", str(other), "--out", str(tmp_path / "r")),
+                    "vocab mismatch", "own tokenizer")
+    _one_line_error(kogpt("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")),
+                    "meta.json is missing")
