@@ -1,0 +1,76 @@
+"""`kogpt eval`: perplexity of a text file, or few-shot NSMC / KLUE-YNAT / KLUE-STS / KorSTS.
+
+Reads the data first (a bad file fails before the model loads), calls one function of
+kogpt.evaluate, prints a Markdown table and optionally writes the full result as JSON.
+
+    kogpt eval --model DIR --task nsmc --data ratings_test.txt --shots 5 --fewshot-data ratings_train.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UserError
+from .common import add_model_arguments, load
+
+NAME = "eval"
+HELP = "evaluate a model: perplexity of a text file or few-shot accuracy on a benchmark"
+TASK_NAMES = ("perplexity", "nsmc", "ynat", "klue-sts", "korsts")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--task", required=True, choices=TASK_NAMES, help="what to evaluate")
+    g.add_argument("--data", required=True, type=Path,
+                   help="evaluation file: any UTF-8 text (perplexity) or the benchmark's own file format")
+    g.add_argument("--shots", type=int, default=0, help="demonstrations per prompt (default 0)")
+    g.add_argument("--fewshot-data", type=Path, help="file of the same task to draw demonstrations from")
+    g.add_argument("--seed", type=int, default=0, help="seed of the demonstration draw (default 0)")
+    g.add_argument("--limit", type=int, help="evaluate only the first N examples (documents)")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts (perplexity: windows) per forward")
+    g.add_argument("--max-length", type=int, help="tokens per forward (default: the model's context)")
+    g.add_argument("--stride", type=int, help="perplexity: tokens a window moves on (default: half the window)")
+    g.add_argument("--output", type=Path, help="write the result, per-example predictions included, as JSON")
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name, low in (("shots", 0), ("limit", 1), ("batch_size", 1), ("max_length", 2), ("stride", 1)):
+        v = getattr(args, name)
+        if v is not None and v < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {v}")
+    if args.task == "perplexity" and (args.shots or args.fewshot_data):
+        raise UserError("--shots and --fewshot-data are for the benchmark tasks, not perplexity")
+    if args.task != "perplexity" and args.stride is not None:
+        raise UserError("--stride is for --task perplexity")
+    if args.shots and args.fewshot_data is None:
+        raise UserError("--shots needs --fewshot-data: a file to draw demonstrations from")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import write_json
+    from ..evaluate import evaluate_fewshot, evaluate_perplexity, json_ready, markdown_table, read_documents
+    from ..tasks import get_task
+
+    _check(args)
+    if args.task == "perplexity":
+        docs = read_documents(args.data)[: args.limit]
+        if not docs:
+            raise UserError(f"{args.data}: no text")
+        gpt = load(args)
+        result = evaluate_perplexity(gpt, docs, max_length=args.max_length, stride=args.stride,
+                                     batch_size=args.batch_size)
+    else:
+        task = get_task(args.task)
+        examples = task.load(args.data)[: args.limit]
+        pool = task.load(args.fewshot_data) if args.shots else []
+        gpt = load(args)
+        result = evaluate_fewshot(gpt, task, examples, pool=pool, shots=args.shots, seed=args.seed,
+                                  batch_size=args.batch_size, max_length=args.max_length)
+        result["fewshot_data"] = str(args.fewshot_data) if args.shots else None
+    result["data"] = str(args.data)
+    print(markdown_table([result]))
+    if args.output:
+        write_json(args.output, json_ready(result))
+    return 0
