@@ -32,6 +32,14 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 _HUB_METADATA = ["*.json", "*.txt", "*.model"]
+BUNDLED = Path(__file__).resolve().parent / "models"  # models shipped inside the package
+
+
+def bundled_models() -> list[str]:
+    """Names of the models installed with kogpt (folders with weights under kogpt/models)."""
+    if not BUNDLED.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED.iterdir() if (p / CONFIG_FILE).exists())
 
 
 class CheckpointError(UserError):
@@ -40,10 +48,12 @@ class CheckpointError(UserError):
 
 # -- resolving a name -------------------------------------------------------------------------
 def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder for `name_or_path`: the folder itself, or a hub snapshot (downloaded once)."""
+    """A local folder for `name_or_path`: the folder itself, a bundled model, or a hub snapshot."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    if str(name_or_path) in bundled_models():
+        return BUNDLED / str(name_or_path)
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the model folder that holds config.json")
     name = str(name_or_path)

@@ -175,3 +175,18 @@ def test_hub_id_resolves_from_the_hub_cache(hf_dir, ids, tmp_path):
     r = _run_offline(code, tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(snap)] * 2
+
+
+def test_bundled_model_names_resolve_to_the_package_folder(hf_dir, tmp_path, monkeypatch):
+    import kogpt.checkpoint as ck
+
+    models = tmp_path / "models"
+    (models / "mini").mkdir(parents=True)
+    for f in hf_dir.iterdir():
+        (models / "mini" / f.name).write_bytes(f.read_bytes())
+    (models / "empty").mkdir()  # a folder without config.json is not a model
+    monkeypatch.setattr(ck, "BUNDLED", models)
+    assert ck.bundled_models() == ["mini"]
+    assert resolve("mini") == models / "mini"
+    with pytest.raises(CheckpointError, match="not found: empty"):
+        resolve("empty")

@@ -9,14 +9,21 @@ from ..errors import UserError
 
 DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "int8")  # as kogpt.api.DTYPE_NAMES (not imported: keeps --help fast)
 
-DEFAULT_MODEL: str | None = None  # the bundled model, once kogpt ships one
+
+
+def default_model() -> str | None:
+    """The bundled model every --model defaults to (kogpt-mini), if this install has it."""
+    from importlib.resources import files
+
+    return "kogpt-mini" if files("kogpt").joinpath("models/kogpt-mini/config.json").is_file() else None
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="model folder (HF format) or Hugging Face hub id, e.g. skt/kogpt2-base-v2"
-                        + (f" (default: {DEFAULT_MODEL})" if DEFAULT_MODEL else ""))
+    default = default_model()
+    g.add_argument("--model", default=default,
+                   help="model folder (HF format), bundled model name or Hugging Face hub id, e.g. skt/kogpt2-base-v2"
+                        + (f" (default: {default}, bundled)" if default else ""))
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit), e.g. KoGPT6B-ryan1.5b-float16")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     g.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
