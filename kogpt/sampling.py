@@ -103,7 +103,10 @@ def sample(logits: torch.Tensor, ids: torch.Tensor, s: SamplingConfig,
         return logits.argmax(-1)
     for f in s.warpers():
         logits = f(logits, ids)
-    return torch.multinomial(logits.softmax(-1), 1, generator=rng).squeeze(-1)
+    # a draw from softmax(logits): argmax of p / E with E ~ Exp(1) (the exponential race; one pass
+    # over the vocabulary, much cheaper than torch.multinomial on CPU)
+    probs = logits.softmax(-1)
+    return (probs / torch.empty_like(probs).exponential_(1.0, generator=rng)).argmax(-1)
 
 
 # -- processors ---------------------------------------------------------------------------------

@@ -94,3 +94,13 @@ def test_sampling_is_seeded_and_respects_top_k(logits, ids):
 def test_invalid_settings_are_user_errors(kw, match):
     with pytest.raises(UserError, match=match):
         S.SamplingConfig(**kw)
+
+
+def test_sampling_follows_the_distribution():
+    """The exponential race draws each token with its softmax probability."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]]))
+    s = S.SamplingConfig(top_k=0)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([S.sample(logits, torch.empty(1, 0, dtype=torch.long), s, g) for _ in range(4000)])
+    freq = torch.bincount(draws.flatten(), minlength=4).float() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.03, rtol=0)
