@@ -46,8 +46,15 @@ def pack_linears(model: nn.Module) -> nn.Module:
     w = next(model.parameters())
     if not can_pack(w.device, w.dtype):
         return model
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child))
+    swap_linears(model, PackedLinear)
     return model
+
+
+def swap_linears(model: nn.Module, make) -> None:
+    """Replace every nn.Linear child by make(linear), one at a time, holding no other reference to
+    the old layers, so each old weight is freed as soon as its replacement exists (peak memory:
+    the model plus one layer, not two models)."""
+    slots = [(parent, name) for parent in model.modules()
+             for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+    for parent, name in slots:
+        setattr(parent, name, make(getattr(parent, name)))

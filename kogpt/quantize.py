@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .packing import swap_linears
+
 _HAS_KERNEL = hasattr(torch, "_weight_int8pack_mm")
 
 
@@ -51,8 +53,5 @@ class Int8Linear(nn.Module):
 
 def quantize_int8(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Swap every nn.Linear of `model` for an Int8Linear, in place; the rest moves to compute_dtype."""
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8Linear.from_linear(child, compute_dtype))
+    swap_linears(model, lambda linear: Int8Linear.from_linear(linear, compute_dtype))
     return model.to(compute_dtype)

@@ -1,0 +1,118 @@
+"""Low-memory loading of the full KoGPT 6B shape (GPT-J, 28 layers, n_embd 4096, bf16, ~12 GB).
+
+Writes a random-init checkpoint in HF format (sharded safetensors, one tensor at a time, so writing
+never holds the model either), then measures in fresh processes, kogpt and transformers on the same
+folder: load time, peak RSS against the weights' bytes, and batch-1 decode tokens/s.
+
+    python benchmarks/load_6b.py --folder /tmp/kogpt-6b-random          # ~12 GB of disk
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from kogpt.config import GPTConfig
+from kogpt.convert import config_to_hf, name_map
+
+_MEASURE = """
+import json, resource, sys, time
+import torch
+from pathlib import Path
+which, folder, new = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+if which == "kogpt":
+    from kogpt.api import load_inference_model
+    from kogpt.generate import generate_ids
+    model = load_inference_model(folder, "bf16")
+    run = lambda ids, n: generate_ids(model, ids.tolist(), max_new_tokens=n)
+else:
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    def run(ids, n):
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                           min_new_tokens=n, pad_token_id=0)
+load = time.perf_counter() - t
+load_peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20
+ids = torch.randint(5, 60000, (1, 32))
+run(ids, 2)  # transformers maps the files lazily: its pages come in on first use
+t = time.perf_counter()
+run(ids, new)
+tok_s = new / (time.perf_counter() - t)
+peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20
+print(json.dumps({"load_s": load, "load_peak_rss_gb": load_peak, "peak_rss_gb": peak, "tok_s": tok_s}))
+"""
+
+
+def write_random_checkpoint(folder: Path, layers_per_shard: int = 2, seed: int = 0) -> float:
+    """HF-format GPT-J 6B with random bf16 weights; returns the weights' size in GB."""
+    cfg = GPTConfig.preset("kogpt-6b")
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    names = name_map(cfg)  # kogpt name -> (HF names, transpose?)
+    shards: dict[str, list[str]] = {}
+    for ours in names:
+        layer = int(ours.split(".")[1]) if ours.startswith("h.") else -1
+        shard = "other" if layer < 0 else f"{layer // layers_per_shard}"
+        shards.setdefault(shard, []).append(ours)
+    with torch.device("meta"):
+        from kogpt.model import GPT
+
+        shapes = {n: p.shape for n, p in GPT(cfg).named_parameters()}
+    weight_map, total = {}, 0
+    for i, (shard, ours_names) in enumerate(shards.items()):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for ours in ours_names:
+            theirs, transpose = names[ours]
+            full = (torch.randn(shapes[ours], generator=g) * 0.02).to(torch.bfloat16)
+            parts = full.chunk(len(theirs), 0) if len(theirs) > 1 else [full]
+            for t, p in zip(theirs, parts):
+                tensors[t] = (p.t() if transpose else p).contiguous()
+                weight_map[t] = fname
+                total += p.numel() * 2
+        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        print(f"wrote {fname} ({len(tensors)} tensors)", flush=True)
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (folder / "config.json").write_text(json.dumps(config_to_hf(cfg, torch.bfloat16), indent=2))
+    return total / 1e9
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--folder", type=Path, default=Path("/tmp/kogpt-6b-random"))
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--only", choices=["kogpt", "transformers"], default=None)
+    args = ap.parse_args()
+    if not (args.folder / "config.json").exists():
+        gb = write_random_checkpoint(args.folder)
+        print(f"random KoGPT-6B checkpoint: {gb:.2f} GB in {args.folder}")
+    weights_gb = json.loads((args.folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"] / 2**30
+    rows = {}
+    for which in ([args.only] if args.only else ["kogpt", "transformers"]):
+        r = subprocess.run([sys.executable, "-c", _MEASURE, which, str(args.folder), str(args.new_tokens)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"{which} failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-3:]}")
+            continue
+        rows[which] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(which, rows[which], flush=True)
+    print(f"\n| engine | load s | peak RSS GB after load / after decoding (× {weights_gb:.2f} GB of bf16 weights) "
+          f"| decode tok/s |\n|---|---|---|---|")
+    for which, m in rows.items():
+        print(f"| {which} | {m['load_s']:.1f} | {m['load_peak_rss_gb']:.2f} / {m['peak_rss_gb']:.2f} "
+              f"({m['peak_rss_gb'] / weights_gb:.2f}×) | {m['tok_s']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
