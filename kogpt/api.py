@@ -140,10 +140,7 @@ class KoGPT:
         """Load a model folder or hub id (optionally at a revision) with its tokenizer."""
         folder = resolve(name_or_path, revision)
         model = load_inference_model(folder, dtype, device or default_device())
-        try:
-            tokenizer = Tokenizer.from_dir(folder)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{folder}: no usable tokenizer (tokenizer.json, or vocab.json + merges.txt): {e}")
+        tokenizer = Tokenizer.from_dir(folder)  # TokenizerError (a UserError) names the file
         _check_special_ids(model, tokenizer, folder)
         defaults = GenerationDefaults.for_family(model.config.family)
         if (folder / "generation_config.json").exists():
@@ -200,7 +197,7 @@ class KoGPT:
             raise UserError(f"the prompt holds token id {max(ids)}, past the model's vocabulary of "
                             f"{self.model.config.vocab_size}")
         if not ids:  # an empty prompt starts a new document
-            ids = [self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id or 0]
+            ids = [self.tokenizer.start_id or 0]
         return ids
 
     def iter_completions(self, prompts: Sequence[str], *, stop: Sequence[str] = (), seed: int | None = None,
@@ -257,13 +254,16 @@ class KoGPT:
 
     @torch.inference_mode()
     def score(self, text: str) -> float:
-        """Log-likelihood of `text` in nats, each token given the ones before (BOS first when there is one)."""
-        ids = self.tokenizer.encode(text)
-        start = [self.tokenizer.bos_id] if self.tokenizer.bos_id is not None else []
-        ids = start + ids
+        """Log-likelihood of `text` in nats, every token given the ones before and the start token
+        (BOS, else EOS). Text longer than the context is refused: `kogpt eval --task perplexity`
+        scores long documents with a sliding window."""
+        start = [self.tokenizer.start_id] if self.tokenizer.start_id is not None else []
+        ids = start + self.tokenizer.encode(text)
         if len(ids) < 2:
-            raise UserError("score needs text of at least one token (two without a BOS token)")
-        ids = ids[: self.model.config.n_positions]
+            raise UserError("score needs text of at least one token (two without a BOS/EOS token)")
+        if len(ids) > self.model.config.n_positions:
+            raise UserError(f"text of {len(ids)} tokens is longer than the model's context "
+                            f"({self.model.config.n_positions}); use kogpt eval --task perplexity")
         x = torch.tensor([ids], device=self.model.wte.weight.device)
         logp = self.model(x[:, :-1]).float().log_softmax(-1)
         return logp[0].gather(-1, x[0, 1:, None]).sum().item()

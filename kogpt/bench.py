@@ -73,7 +73,9 @@ def _time(fn) -> float:
 
 def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True) -> dict:
     """Decode tokens/s (batch 1 and 8) and time to first token, kogpt and (optionally) transformers."""
-    cfg = json.loads((folder / "config.json").read_text())
+    from .checkpoint import read_json
+
+    cfg = read_json(folder / "config.json")
     vocab, ctx = cfg["vocab_size"], cfg.get("n_positions", 2048)
     new = min(NEW, ctx - PROMPT)  # tiny test shapes have short contexts
     g = torch.Generator().manual_seed(0)

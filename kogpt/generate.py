@@ -201,7 +201,7 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
         raise ValueError("max_new_tokens needs one budget per prompt")
     if not prompts:
         return
-    need = max(len(p) + n for p, n in zip(prompts, budgets))
+    need = max(len(p) + max(n, 1) for p, n in zip(prompts, budgets))  # a zero budget still fits its prompt
     engine = Engine(model, slots=len(prompts), max_len=need, step_fn=step_fn)
     for i, (p, n) in enumerate(zip(prompts, budgets)):
         engine.submit(Request(p, n, sampling, tuple(eos_ids), rng, None if stop is None else _bind(stop, i), key=i))

@@ -23,6 +23,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from .errors import UserError
+
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")
 # SKT KoGPT2 order, so ids are stable: <s>=0 </s>=1 <unk>=2 <pad>=3 <mask>=4 <unused0>=5 ... <unused99>=104
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>", "<mask>") + tuple(f"<unused{i}>" for i in range(100))
@@ -79,12 +81,33 @@ def _convention(tok: tokenizers.Tokenizer) -> dict[str, str | None]:
     return {}
 
 
+class TokenizerError(UserError):
+    """A tokenizer file that is missing, malformed or of an unsupported kind (the message names it)."""
+
+
+def _json(f: Path) -> dict:
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{f} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise TokenizerError(f"{f} must hold a JSON object")
+    return cfg
+
+
+def _rust_tokenizer(f: Path) -> tokenizers.Tokenizer:
+    try:
+        return tokenizers.Tokenizer.from_file(str(f))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise TokenizerError(f"{f} is not a readable tokenizer.json ({e})") from None
+
+
 def _read_config(path: Path) -> dict:
     # special tokens and model_max_length from HF tokenizer_config / special_tokens_map / config.json
     out: dict = {}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):  # HF: the map wins
         f = path / name
-        cfg = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        cfg = _json(f) if f.is_file() else {}
         for key in SPECIAL_KEYS:
             if key in cfg:
                 v = cfg[key]
@@ -96,7 +119,7 @@ def _read_config(path: Path) -> dict:
             out["model_max_length"] = n
     f = path / "config.json"
     if "model_max_length" not in out and f.is_file():
-        cfg = json.loads(f.read_text(encoding="utf-8"))
+        cfg = _json(f)
         n = next((cfg[k] for k in ("n_positions", "max_position_embeddings", "n_ctx") if k in cfg), None)
         if isinstance(n, int):
             out["model_max_length"] = n
@@ -148,7 +171,10 @@ class Tokenizer:
     @classmethod
     def from_file(cls, tokenizer_json_path: str | os.PathLike, **special_tokens) -> Tokenizer:
         """Load a tokenizer.json; special tokens follow the family convention unless given."""
-        return cls._build(tokenizers.Tokenizer.from_file(str(tokenizer_json_path)), special_tokens)
+        path = Path(tokenizer_json_path)
+        if not path.is_file():
+            raise TokenizerError(f"tokenizer file not found: {path}")
+        return cls._build(_rust_tokenizer(path), special_tokens)
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike, **special_tokens) -> Tokenizer:
@@ -162,13 +188,22 @@ class Tokenizer:
             return cls.from_file(path, **special_tokens)
         config = _read_config(path)
         if (path / "tokenizer.json").is_file():
-            return cls._build(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")), config, special_tokens)
+            return cls._build(_rust_tokenizer(path / "tokenizer.json"), config, special_tokens)
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            tok = cls._build(_byte_level_bpe(path / "vocab.json", path / "merges.txt"), config, special_tokens)
+            try:
+                bpe = _byte_level_bpe(path / "vocab.json", path / "merges.txt")
+            except Exception as e:  # tokenizers raises a bare Exception for malformed files
+                raise TokenizerError(f"{path}: unreadable vocab.json / merges.txt ({e})") from None
+            tok = cls._build(bpe, config, special_tokens)
             specials = {t for t in (getattr(tok, k) for k in SPECIAL_KEYS) if t is not None}
             tok.tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(specials)])
             return tok
-        raise FileNotFoundError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt")
+        raise TokenizerError(f"{path}: no tokenizer (tokenizer.json, or vocab.json + merges.txt)")
+
+    @property
+    def start_id(self) -> int | None:
+        """The id a document starts after: BOS, else EOS (the separator between training documents)."""
+        return self.bos_id if self.bos_id is not None else self.eos_id
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.tokenizer.token_to_id(token)

@@ -36,16 +36,24 @@ def test_text_generation_matches_transformers(gpt, hf_model, kw):
     assert gpt.generate(PROMPT, greedy=True, max_new_tokens=24, **kw) == c.text
 
 
-def test_family_recipe_is_the_default_without_generation_config(model_dir, family):
-    (model_dir / "generation_config.json").unlink()  # as skt/kogpt2-base-v2 and kakaobrain/kogpt ship
-    gpt = KoGPT.from_pretrained(model_dir)
+def test_family_recipe_is_the_default_without_generation_config(tmp_path, korean_tokenizer, family):
+    from conftest import make_hf_model
+
+    make_hf_model(family, n_positions=256).save_pretrained(tmp_path)  # room past max_length 128
+    korean_tokenizer.save(tmp_path)
+    (tmp_path / "generation_config.json").unlink()  # as skt/kogpt2-base-v2 and kakaobrain/kogpt ship
+    gpt = KoGPT.from_pretrained(tmp_path)
     s = gpt.defaults.sampling
     if family == "gpt2":  # KoGPT2 card: greedy, repetition_penalty 2.0, max_length 128
         assert (s.do_sample, s.repetition_penalty, gpt.defaults.max_length) == (False, 2.0, 128)
     else:  # KoGPT card: sampling, temperature 0.8, max_length 128
         assert (s.do_sample, s.temperature, gpt.defaults.max_length) == (True, 0.8, 128)
-    [c] = gpt.complete([PROMPT], seed=0)
-    assert len(gpt.tokenizer.encode(PROMPT)) + len(c.token_ids) <= 128
+    [c] = gpt.complete([PROMPT], seed=0, bad_words_ids=[[gpt.tokenizer.eos_id]])  # run to the length limit
+    assert len(gpt.tokenizer.encode(PROMPT)) + len(c.token_ids) == 128 and c.finish_reason == "length"
+    long = "가나다라 " * 40  # longer than max_length, shorter than the context: nothing to generate, no error
+    assert 128 < len(gpt.tokenizer.encode(long)) < 256
+    [c] = gpt.complete([long])
+    assert c.token_ids == [] and c.finish_reason == "length"
 
 
 def test_stream_pieces_join_to_the_text_and_never_split(gpt):

@@ -10,7 +10,7 @@ import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kogpt.tokenizer import EMOTICONS, SPECIAL_TOKENS, StreamDecoder, Tokenizer, train_tokenizer
+from kogpt.tokenizer import TokenizerError, EMOTICONS, SPECIAL_TOKENS, StreamDecoder, Tokenizer, train_tokenizer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 KOGPT2 = DATA / "tokenizer" / "kogpt2-v1"
@@ -150,7 +150,16 @@ def test_from_dir_reads_gpt2_vocab_and_merges(tmp_path):
 
 
 def test_from_dir_without_tokenizer_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="vocab.json"):
+    with pytest.raises(TokenizerError, match="vocab.json"):
+        Tokenizer.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("name,content", [("tokenizer.json", "{not json"), ("tokenizer.json", ""),
+                                          ("tokenizer_config.json", "[1, 2")])
+def test_malformed_tokenizer_files_name_the_file(tmp_path, tok, name, content):
+    tok.save(tmp_path)
+    (tmp_path / name).write_text(content)
+    with pytest.raises(TokenizerError, match=name):
         Tokenizer.from_dir(tmp_path)
 
 

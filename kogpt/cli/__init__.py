@@ -18,8 +18,7 @@ from .. import __version__
 from ..errors import UserError
 
 # subcommand modules in the order `kogpt --help` lists them; absent ones are skipped
-_MODULES = ("interactive", "generate", "train_tokenizer", "prepare", "train", "eval", "finetune", "serve",
-            "convert", "bench", "adventure")
+_MODULES = ("interactive", "generate", "train_tokenizer", "prepare", "train", "eval", "finetune", "serve", "bench")
 
 
 def _commands():
@@ -51,10 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
-    except (UserError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except (UserError, OSError) as e:  # OSError: missing/unreadable files, a file where a folder belongs
         if getattr(args, "debug", False):
             raise
-        msg = str(e) if isinstance(e, UserError) else f"{e.strerror or e}: {e.filename}"
+        msg = str(e)
+        if isinstance(e, OSError) and e.strerror and e.filename:
+            msg = f"{e.strerror}: {e.filename}"
         print(f"kogpt {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

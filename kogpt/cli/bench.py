@@ -27,8 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import bench
 
+    from ..checkpoint import load_config
+    from ..config import PRESETS
+
     if args.repeats < 1:
         raise UserError("--repeats must be >= 1")
+    if args.preset not in PRESETS:
+        raise UserError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
+    if args.json is not None and args.json.is_dir():
+        raise UserError(f"--json {args.json} is a folder; give a file name")
     if not args.no_peer:
         try:
             import transformers  # noqa: F401
@@ -41,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         bench.make_random_checkpoint(folder, args.preset)
     elif not (folder / "config.json").exists():
         raise UserError(f"{folder} is not a model folder (no config.json)")
+    else:
+        load_config(folder)  # a malformed config.json fails here, in one line
     rows = bench.run_bench(folder, args.dtype or ["fp32", "bf16", "int8"], args.repeats, not args.no_peer)
     print(bench.format_table(rows))
     if args.json:
