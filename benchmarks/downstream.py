@@ -26,17 +26,11 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from kogpt.errors import UserError
 from kogpt.evaluate import markdown_table
 from kogpt.tasks import TASKS, Example, Prediction, Task, get_task
+from kogpt.tasks.base import split_examples as split
 
 GRID = {"logreg": [0.25, 1.0, 4.0, 16.0], "ridge": [0.3, 1.0, 3.0, 10.0]}  # C / alpha
 TOO_SMALL = 500  # fewer training rows than this gives no meaningful baseline
 NGRAMS = (1, 3)
-
-
-def split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """(rest, carved): a seeded random `fraction` of the examples carved out."""
-    order = np.random.default_rng(seed).permutation(len(examples))
-    n = max(1, round(len(examples) * fraction))
-    return [examples[i] for i in order[n:]], [examples[i] for i in order[:n]]
 
 
 class Baseline:

@@ -141,6 +141,15 @@ def load_model(folder: str | os.PathLike, dtype: torch.dtype | None = None,
     folder = Path(folder)
     raw = read_json(folder / CONFIG_FILE)
     config = load_config(folder, raw)
+    sd = read_weights(folder, raw, lambda get, names, dt: state_dict_from_hf(get, names, config, dt), dtype)
+    return build_model(config, sd, device)
+
+
+def read_weights(folder: Path, raw: dict, convert, dtype: torch.dtype | None = None):
+    """convert(get, names, dtype) over the weight files of an HF folder, tensors fetched one at a time.
+
+    `raw` is the folder's config.json; dtype defaults to the one it declares, else the embeddings'.
+    """
     files, kind = _weight_files(folder)
     with ExitStack() as stack:
         where: dict[str, tuple[Path, object]] = {}
@@ -163,27 +172,32 @@ def load_model(folder: str | os.PathLike, dtype: torch.dtype | None = None,
         if dtype is None:
             dtype = dtype_from_hf(raw) or _checkpoint_dtype(where, get)
         try:
-            sd = state_dict_from_hf(get, where.keys(), config, dtype)
+            return convert(get, where.keys(), dtype)
         except ConversionError as e:
             raise CheckpointError(f"{folder}: {e}") from None
-    return build_model(config, sd, device)
 
 
 def build_model(config: GPTConfig, state_dict: dict[str, torch.Tensor], device="cpu") -> GPT:
     """A GPT holding exactly these tensors (no random init, no extra copy)."""
     with torch.device("meta"):
         model = GPT(config)
-    expected = {n for n, _ in model.named_parameters()}
+    assign_weights(model, state_dict)
+    model.tie_weights()
+    return model.to(device).eval()
+
+
+def assign_weights(module: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Make `state_dict`'s tensors the parameters of `module` (built on the meta device), checking names and shapes."""
+    expected = {n for n, _ in module.named_parameters()}
     missing = expected - state_dict.keys()
     if missing:
         raise CheckpointError(f"state dict lacks {sorted(missing)[:3]}")
     for name, t in state_dict.items():
-        want = model.get_parameter(name).shape
+        want = module.get_parameter(name).shape
         if t.shape != want:
             raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the config needs {tuple(want)}")
-    model.load_state_dict(state_dict, strict=False, assign=True)
-    model.tie_weights()
-    return model.to(device).eval()
+    module.load_state_dict(state_dict, strict=False, assign=True)
+    return module
 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -282,7 +296,10 @@ def save_model(model: GPT, folder: str | os.PathLike) -> None:
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if any(k.endswith("qweight") for k in sd):
         raise CheckpointError("an int8-quantized model cannot be saved in HF format; save the float model")
-    hf = state_dict_to_hf(sd, model.config)
-    dtype = model.wte.weight.dtype
-    atomic_write(folder / SAFETENSORS_FILE, lambda p: save_file(hf, str(p), metadata={"format": "pt"}))
-    write_json(folder / CONFIG_FILE, config_to_hf(model.config, dtype))
+    write_weights(folder, state_dict_to_hf(sd, model.config), config_to_hf(model.config, model.wte.weight.dtype))
+
+
+def write_weights(folder: Path, hf_tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """model.safetensors and config.json of an HF folder, each written atomically."""
+    atomic_write(folder / SAFETENSORS_FILE, lambda p: save_file(hf_tensors, str(p), metadata={"format": "pt"}))
+    write_json(folder / CONFIG_FILE, config)

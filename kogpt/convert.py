@@ -2,8 +2,9 @@
 
 GPT-2: `transformer.h.{i}.attn.c_attn` etc. are Conv1D layers storing (in, out) weights, which
 become (out, in) nn.Linear weights here. GPT-J: separate `q_proj/k_proj/v_proj` are fused into
-`attn.qkv`; `fc_in/fc_out` become `mlp.fc/mlp.proj`. Conversion works tensor by tensor from a
-getter, so a checkpoint is never materialized twice.
+`attn.qkv`; `fc_in/fc_out` become `mlp.fc/mlp.proj`. Sequence classifiers (*ForSequenceClassification)
+have no lm_head but `score.weight`, and id2label / problem_type in config.json. Conversion works
+tensor by tensor from a getter, so a checkpoint is never materialized twice.
 
     sd = state_dict_from_hf(get_tensor, hf_names, config)
 """
@@ -150,9 +151,13 @@ def state_dict_from_hf(get: Callable[[str], torch.Tensor], names: Iterable[str],
 
     Raises ConversionError naming the first missing tensor.
     """
+    return _from_hf(get, names, name_map(cfg), dtype)
+
+
+def _from_hf(get, names, mapping: dict[str, tuple[list[str], bool]], dtype) -> dict[str, torch.Tensor]:
     available = canonical_hf_names(names)
     out = {}
-    for ours, (theirs, transpose) in name_map(cfg).items():
+    for ours, (theirs, transpose) in mapping.items():
         parts = []
         for t in theirs:
             if t not in available:
@@ -166,8 +171,12 @@ def state_dict_from_hf(get: Callable[[str], torch.Tensor], names: Iterable[str],
 
 def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """HF state dict (contiguous tensors, tied head omitted as transformers saves it)."""
+    return _to_hf(sd, name_map(cfg))
+
+
+def _to_hf(sd: dict[str, torch.Tensor], mapping: dict[str, tuple[list[str], bool]]) -> dict[str, torch.Tensor]:
     out = {}
-    for ours, (theirs, transpose) in name_map(cfg).items():
+    for ours, (theirs, transpose) in mapping.items():
         x = sd[ours]
         parts = x.chunk(len(theirs), 0) if len(theirs) > 1 else [x]
         for t, p in zip(theirs, parts):
@@ -199,3 +208,67 @@ def generation_to_hf(sampling: dict, max_length: int | None, max_new_tokens: int
     d.update(max_length=max_length, max_new_tokens=max_new_tokens,
              bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     return {k: v for k, v in d.items() if v is not None}
+
+
+# -- sequence classifiers: GPT2ForSequenceClassification / GPTJForSequenceClassification --------------
+_CLASSIFIER_ARCHITECTURE = {"gpt2": "GPT2ForSequenceClassification", "gptj": "GPTJForSequenceClassification"}
+_SCORE = "score.weight"  # Linear(n_embd, num_labels, bias=False) on the last non-pad token
+PROBLEM_TYPES = ("single_label_classification", "regression")
+
+
+def is_classifier_config(d: dict) -> bool:
+    """Whether an HF config.json dict describes a GPT-2 / GPT-J sequence classifier."""
+    return any(a in _CLASSIFIER_ARCHITECTURE.values() for a in d.get("architectures") or ())
+
+
+def classifier_config_from_hf(d: dict) -> tuple[GPTConfig, list[str], str]:
+    """(backbone GPTConfig, label names in id order, problem_type) of a classifier's config.json.
+
+    Labels come from `id2label` (keys 0..n-1), else `num_labels` (LABEL_i), else transformers'
+    default of 2; problem_type defaults as transformers infers it (1 label: regression).
+    """
+    cfg = config_from_hf(d)
+    id2label = d.get("id2label")
+    if id2label:
+        if not isinstance(id2label, dict) or sorted(map(str, id2label)) != sorted(map(str, range(len(id2label)))):
+            raise ConversionError(f"id2label must map 0..n-1 to names, got {id2label!r}")
+        labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    else:
+        labels = [f"LABEL_{i}" for i in range(int(d.get("num_labels") or 2))]
+    problem_type = d.get("problem_type") or ("regression" if len(labels) == 1 else PROBLEM_TYPES[0])
+    if problem_type not in PROBLEM_TYPES:
+        raise ConversionError(f"problem_type {problem_type!r} is not supported ({' or '.join(PROBLEM_TYPES)})")
+    if (problem_type == "regression") != (len(labels) == 1):
+        raise ConversionError(f"problem_type {problem_type} with {len(labels)} labels is not supported")
+    return cfg, labels, problem_type
+
+
+def classifier_config_to_hf(cfg: GPTConfig, labels: list[str], problem_type: str,
+                            dtype: torch.dtype | None = None) -> dict:
+    """config.json of a classifier that transformers loads as GPT2/GPTJForSequenceClassification."""
+    d = config_to_hf(cfg, dtype)
+    d["architectures"] = [_CLASSIFIER_ARCHITECTURE[cfg.family]]
+    d["id2label"] = {str(i): name for i, name in enumerate(labels)}
+    d["label2id"] = {name: i for i, name in enumerate(labels)}
+    d["problem_type"] = problem_type
+    return d
+
+
+def _backbone_map(cfg: GPTConfig) -> dict[str, tuple[list[str], bool]]:
+    return {k: v for k, v in name_map(cfg).items() if not k.startswith("lm_head.")}  # classifiers have no LM head
+
+
+def classifier_state_dict_from_hf(get: Callable[[str], torch.Tensor], names: Iterable[str], cfg: GPTConfig,
+                                  dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(kogpt backbone state dict without lm_head, score weight (num_labels, n_embd)) from HF tensors."""
+    names = list(names)
+    if _SCORE not in names:
+        raise ConversionError(f"tensor {_SCORE!r} is missing from the checkpoint")
+    score = get(_SCORE)
+    return _from_hf(get, names, _backbone_map(cfg), dtype), score.to(dtype) if dtype is not None else score
+
+
+def classifier_state_dict_to_hf(backbone: dict[str, torch.Tensor], score: torch.Tensor,
+                                cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """HF tensors of a classifier: `transformer.*` and `score.weight`."""
+    return {**_to_hf(backbone, _backbone_map(cfg)), _SCORE: score.contiguous()}

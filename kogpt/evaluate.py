@@ -1,9 +1,10 @@
-"""Evaluation: perplexity of text files and few-shot classification by label log-likelihood.
+"""Evaluation: perplexity of text files, few-shot classification by label log-likelihood, finetuned heads.
 
-Both rest on one primitive, continuation_logprobs(): each context is prefilled once into a KV-cache
-row, the row is copied for each continuation, and all continuations are scored in one cached
-forward — so a few-shot prompt is computed once for all its label words. Perplexity slides a window
-over each document with a stride and scores every token exactly once. Results are JSON-ready dicts.
+Perplexity and few-shot rest on one primitive, continuation_logprobs(): each context is prefilled
+once into a KV-cache row, the row is copied for each continuation, and all continuations are scored
+in one cached forward — so a few-shot prompt is computed once for all its label words. Perplexity
+slides a window over each document and scores every token once. A finetuned classifier is scored
+with its own head instead (classifier.py), no prompts. Results are JSON-ready dicts.
 
     result = evaluate_fewshot(gpt, get_task("nsmc"), examples, pool=train, shots=5, seed=0)
 """
@@ -250,10 +251,36 @@ def evaluate_fewshot(gpt, task: Task, examples: Sequence[Example], *, pool: Sequ
         if task.scored:
             rec.update(gold_score=ex.score, pred_score=p.score)
         records.append(rec)
-    return {"model": gpt.name, "task": task.name, "prompt_version": task.prompt_version,
+    return {"model": gpt.name, "task": task.name, "method": "few-shot", "prompt_version": task.prompt_version,
             "kogpt_version": __version__, "choices": list(task.choices), "seed": seed, "shots": shots,
             "n": len(examples), "max_length": limit, "shots_dropped": sum(shots - len(u) for u in used),
             "truncated": truncated, "metrics": task.metrics(examples, preds), "predictions": records}
+
+
+# -- finetuned classifiers ------------------------------------------------------------------------
+def evaluate_finetuned(model, head, tokenizer, task: Task, examples: Sequence[Example], *, batch_size: int = 32,
+                       name: str = "kogpt") -> dict:
+    """`examples` classified (or scored 0–5) by a finetuned classifier's own head: no prompts, no shots.
+
+    The head must have the task's outputs (its labels, or one score for the STS tasks); a KorSTS
+    model can score KLUE-STS and back. Pairs are read in both orders and averaged, as in training.
+    """
+    from .classifier import check_head, predict
+
+    check_head(head, task, name)
+    preds = predict(model, head, tokenizer, examples, batch_size)
+    records = []
+    for ex, p in zip(examples, preds):
+        rec = {"id": ex.id, "gold": ex.label, "pred": p.label}
+        if head.regression:
+            rec.update(gold_score=ex.score, pred_score=p.score)
+        else:
+            rec["logprobs"] = list(p.logprobs)
+        records.append(rec)
+    return {"model": name, "task": task.name, "method": "finetuned", "prompt_version": None,
+            "input_format": head.input_format, "finetuned_on": head.task, "labels": list(head.labels),
+            "kogpt_version": __version__, "seed": None, "shots": 0, "n": len(examples), "seq_len": head.seq_len,
+            "metrics": task.metrics(examples, preds), "predictions": records}
 
 
 # -- reporting -----------------------------------------------------------------------------------
@@ -264,7 +291,8 @@ def markdown_table(results: Sequence[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         scale = 1 if r["task"] == "perplexity" else 100
-        cells = [r["model"], r["task"], r.get("prompt_version") or "-", str(r.get("shots", "-")), str(r["n"])]
+        prompt = r.get("prompt_version") or ("finetuned head" if r.get("method") == "finetuned" else "-")
+        cells = [r["model"], r["task"], prompt, str(r.get("shots", "-")), str(r["n"])]
         cells += [_fmt(r["metrics"].get(k), scale) for k in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

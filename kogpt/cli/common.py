@@ -1,4 +1,5 @@
-"""Flags shared by the commands that load a model (--model, --revision, --device, --dtype) and sampling flags."""
+"""Flags shared by the commands that load a model (--model, --revision, --device, --dtype), sampling flags,
+and loading what they name: a KoGPT (load) or a finetuned classifier (classifier_folder, load_classifier)."""
 
 from __future__ import annotations
 
@@ -66,20 +67,58 @@ def check_sampling_options(args: argparse.Namespace) -> None:
     SamplingConfig(**{k: opts[k] for k in fields if k in opts})
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for, but no CUDA device is available")
+
+
 def load(args: argparse.Namespace):
     """KoGPT for the --model/--revision/--device/--dtype flags, with a one-line status on stderr."""
     from ..api import KoGPT
 
     if not args.model:
         raise UserError("no model given: pass --model with a model folder or a Hugging Face hub id")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for, but no CUDA device is available")
+    _check_device(args)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     gpt = KoGPT.from_pretrained(args.model, revision=args.revision, device=args.device, dtype=args.dtype)
     w = gpt.model.wte.weight
     print(f"loaded {args.model}: {gpt.model.config.family}, {gpt.model.config.num_params() / 1e6:.1f}M parameters, "
           f"{str(w.dtype).removeprefix('torch.')} on {w.device}", file=sys.stderr, flush=True)
     return gpt
+
+
+def classifier_folder(args: argparse.Namespace):
+    """The resolved --model folder when it holds a finetuned classifier, else None."""
+    from ..checkpoint import resolve
+    from ..classifier import is_classifier
+
+    if not args.model:
+        return None  # load() names the missing flag
+    folder = resolve(args.model, args.revision)
+    return folder if is_classifier(folder) else None
+
+
+def load_classifier(args: argparse.Namespace, folder):
+    """(Classifier, Head, Tokenizer) of a classifier folder for --device/--dtype, with status lines on stderr."""
+    from ..api import default_device, parse_dtype
+    from ..checkpoint import CheckpointError
+    from ..classifier import load_classifier as load_folder
+    from ..packing import pack_linears
+    from ..quantize import quantize_int8
+    from ..tokenizer import Tokenizer
+
+    _check_device(args)
+    print(f"loading {args.model} (finetuned classifier) ...", file=sys.stderr, flush=True)
+    model, head = load_folder(folder, parse_dtype(args.dtype), args.device or default_device())
+    model = quantize_int8(model) if args.dtype == "int8" else pack_linears(model)
+    try:
+        tok = Tokenizer.from_dir(folder)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder}: no usable tokenizer (tokenizer.json, or vocab.json + merges.txt): {e}")
+    w = model.gpt.wte.weight
+    print(f"loaded {args.model}: {model.config.family} + {head.task or 'a'} head of {len(head.labels)} output(s), "
+          f"{str(w.dtype).removeprefix('torch.')} on {w.device}", file=sys.stderr, flush=True)
+    return model, head, tok

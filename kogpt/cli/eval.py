@@ -1,7 +1,8 @@
-"""`kogpt eval`: perplexity of a text file, or few-shot NSMC / KLUE-YNAT / KLUE-STS / KorSTS.
+"""`kogpt eval`: perplexity of a text file, or NSMC / KLUE-YNAT / KLUE-STS / KorSTS few-shot or finetuned.
 
 Reads the data first (a bad file fails before the model loads), calls one function of
-kogpt.evaluate, prints a Markdown table and optionally writes the full result as JSON.
+kogpt.evaluate, prints a Markdown table and optionally writes the full result as JSON. A model
+folder holding a finetuned classifier (`kogpt finetune`) is scored with its own head, no prompts.
 
     kogpt eval --model DIR --task nsmc --data ratings_test.txt --shots 5 --fewshot-data ratings_train.txt
 """
@@ -12,10 +13,10 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
-from .common import add_model_arguments, load
+from .common import add_model_arguments, classifier_folder, load, load_classifier
 
 NAME = "eval"
-HELP = "evaluate a model: perplexity of a text file or few-shot accuracy on a benchmark"
+HELP = "evaluate a model: perplexity of a text file, or a benchmark few-shot (or with a finetuned model's head)"
 TASK_NAMES = ("perplexity", "nsmc", "ynat", "klue-sts", "korsts")
 
 
@@ -50,7 +51,9 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import write_json
-    from ..evaluate import evaluate_fewshot, evaluate_perplexity, json_ready, markdown_table, read_documents
+    from ..classifier import check_head, read_head
+    from ..evaluate import (evaluate_fewshot, evaluate_finetuned, evaluate_perplexity, json_ready, markdown_table,
+                            read_documents)
     from ..tasks import get_task
 
     _check(args)
@@ -58,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         docs = read_documents(args.data)[: args.limit]
         if not docs:
             raise UserError(f"{args.data}: no text")
+        if classifier_folder(args):
+            raise UserError(f"{args.model} is a finetuned classifier: it has no language-model head to score text with")
         gpt = load(args)
         result = evaluate_perplexity(gpt, docs, max_length=args.max_length, stride=args.stride,
                                      batch_size=args.batch_size)
@@ -65,10 +70,19 @@ def run(args: argparse.Namespace) -> int:
         task = get_task(args.task)
         examples = task.load(args.data)[: args.limit]
         pool = task.load(args.fewshot_data) if args.shots else []
-        gpt = load(args)
-        result = evaluate_fewshot(gpt, task, examples, pool=pool, shots=args.shots, seed=args.seed,
-                                  batch_size=args.batch_size, max_length=args.max_length)
-        result["fewshot_data"] = str(args.fewshot_data) if args.shots else None
+        folder = classifier_folder(args)
+        if folder is not None:
+            if args.shots or args.fewshot_data or args.max_length:
+                raise UserError(f"{args.model} is a finetuned classifier: it uses its own head, so --shots, "
+                                f"--fewshot-data and --max-length do not apply")
+            check_head(read_head(folder)[0], task, args.model)  # before the weights load
+            model, head, tok = load_classifier(args, folder)
+            result = evaluate_finetuned(model, head, tok, task, examples, batch_size=args.batch_size, name=args.model)
+        else:
+            gpt = load(args)
+            result = evaluate_fewshot(gpt, task, examples, pool=pool, shots=args.shots, seed=args.seed,
+                                      batch_size=args.batch_size, max_length=args.max_length)
+            result["fewshot_data"] = str(args.fewshot_data) if args.shots else None
     result["data"] = str(args.data)
     print(markdown_table([result]))
     if args.output:

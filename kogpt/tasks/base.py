@@ -183,6 +183,15 @@ def parse_score(value: object, where: str, name: str) -> float:
     return v
 
 
+def split_examples(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(rest, carved): a seeded random `fraction` of the examples (at least one) carved out."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(examples))
+    n = max(1, round(len(examples) * fraction))
+    return [examples[i] for i in order[n:]], [examples[i] for i in order[:n]]
+
+
 def nonempty(examples: list[Example], path: str | os.PathLike) -> list[Example]:
     """`examples`, or a UserError when the file held none."""
     if not examples:
