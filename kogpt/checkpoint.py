@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from safetensors.torch import save_file
 
 from .config import GPTConfig
 from .errors import UserError
+from .fileio import FileFormatError, atomic_write, write_json
+from .fileio import read_json as _read_json
 from .convert import ConversionError, config_from_hf, config_to_hf, dtype_from_hf, state_dict_from_hf, state_dict_to_hf
 from .model import GPT
 
@@ -88,16 +89,11 @@ def _download(repo_id: str, revision: str | None) -> Path:
 
 # -- reading ----------------------------------------------------------------------------------
 def read_json(path: Path) -> dict:
+    """kogpt.fileio.read_json, failing with a CheckpointError (the same message) for model folders."""
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return d
+        return _read_json(path)
+    except FileFormatError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def load_config(folder: str | os.PathLike, raw: dict | None = None) -> GPTConfig:
@@ -205,6 +201,10 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool}
 
 
+def _natural(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 class SafetensorsFile:
     """Tensors of a .safetensors file, read with plain file reads rather than a memory map.
 
@@ -226,7 +226,10 @@ class SafetensorsFile:
             self.base = 8 + n
             for name, info in header.items():
                 begin, end = info["data_offsets"]
-                numel = math.prod(info["shape"])
+                shape = info["shape"]
+                if not isinstance(shape, list) or not all(_natural(d) for d in (*shape, begin, end)):
+                    raise ValueError(f"tensor {name!r} has a negative or non-integer shape or offset")
+                numel = math.prod(shape)
                 if info["dtype"] not in _ST_DTYPES or end - begin != numel * _ST_DTYPES[info["dtype"]].itemsize \
                         or not 0 <= begin <= end <= size - self.base:
                     raise ValueError(f"tensor {name!r} has an inconsistent dtype, shape or offsets")
@@ -267,29 +270,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-# -- writing ----------------------------------------------------------------------------------
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) and move the result over `path` only once it is complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, d: dict) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
-
-
+# -- writing (atomic_write and write_json live in kogpt.fileio, torch-free; re-exported here) ----
 def save_model(model: GPT, folder: str | os.PathLike) -> None:
     """Write config.json and model.safetensors in HF format (transformers loads the folder)."""
     folder = Path(folder)

@@ -5,6 +5,8 @@ files hold a paragraph per line and a blank line ends a document; a file without
 holds one document per line (e.g. one review per line); a CSV with Q,A columns is Q/A documents.
 Text is NFC-normalized, exact duplicate lines are dropped, every source keeps a held-out slice for
 validation, and documents are tokenized in parallel into `train.bin`/`val.bin` (EOS after each).
+A re-prepare builds the new files in a temp folder inside the output folder and swaps them in at the
+end, meta.json last: until then the previous data stays whole and usable.
 
     meta = prepare(["../shared/data/corpus"], "tok", "data"); x = BatchSampler.from_dir("data", 256, 0)
 """
@@ -13,8 +15,11 @@ from __future__ import annotations
 
 import csv
 import glob
+import math
 import multiprocessing as mp
 import os
+import shutil
+import tempfile
 import unicodedata
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,14 +29,16 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, read_json, write_json
 from .errors import UserError
+from .fileio import check_output_dir, read_json, write_json
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 TOKENIZER_DIR = "tokenizer"  # prepare keeps a copy of the tokenizer beside the tokens
 TEXT_SUFFIXES = (".txt", ".text", ".csv")
 _BATCH_CHARS = 1 << 18  # characters per tokenization task (~0.75 MB of Hangul)
+_CSV_FIELD_LIMIT = 1 << 30  # characters in one CSV field (Python's default, 128 Ki, is one long answer)
+_TMP_PREFIX = ".prepare-"  # the folder a prepare builds in, inside --out
 
 
 class DataError(UserError):
@@ -86,15 +93,27 @@ class FileInfo:
     has_text: bool
 
 
+def _csv_rows(f, path: Path, reader=csv.reader) -> Iterator:
+    """The rows of an open CSV file; a malformed row is a DataError naming path:line."""
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)  # process-wide, only ever raised
+    rows = reader(f)
+    try:
+        yield from rows
+    except csv.Error as e:
+        raise DataError(f"{path}:{rows.line_num}: unreadable CSV ({e})") from None
+
+
 def scan(path: Path) -> FileInfo:
     """Check that a file is readable UTF-8 (CSV: has Q and A columns) and find its document layout."""
     try:
         with open(path, encoding="utf-8-sig") as f:
             if path.suffix == ".csv":
-                header = next(csv.reader(f), [])
+                rows = _csv_rows(f, path)
+                header = next(rows, [])
                 if not {"Q", "A"} <= set(header):
                     raise DataError(f"{path}: a CSV input needs Q and A columns, found {header}")
-                blank, text = False, next(csv.reader(f), None) is not None
+                blank, text = False, sum(1 for _ in rows) > 0  # every row read: bad UTF-8 or CSV fails here
             else:
                 blank = text = False
                 for line in f:
@@ -115,7 +134,7 @@ def read_documents(info: FileInfo) -> Iterator[tuple[list[str], int]]:
     nfc = lambda s: unicodedata.normalize("NFC", s.strip())  # noqa: E731
     with open(info.path, encoding="utf-8-sig") as f:
         if info.path.suffix == ".csv":
-            for row in csv.DictReader(f):
+            for row in _csv_rows(f, info.path, csv.DictReader):
                 q, a = nfc(row["Q"] or ""), nfc(row["A"] or "")
                 yield [f"{q}\n{a}".strip()], len(q.encode()) + len(a.encode()) + 2
             return
@@ -188,6 +207,52 @@ def source_documents(source: Source, infos: dict[Path, FileInfo], dedup: Deduper
                 yield "\n".join(units)
 
 
+def check_split_options(val_fraction: float, dedup_min_chars: int) -> None:
+    """The held-out share and the dedup threshold, as prepare and train-tokenizer both take them."""
+    if not 0 < val_fraction <= 0.5:
+        raise DataError(f"--val-fraction must be in (0, 0.5], got {val_fraction}")
+    if dedup_min_chars < 0:
+        raise DataError(f"--dedup-min-chars must be >= 0, got {dedup_min_chars}")
+
+
+def check_weights(weights: dict[str, float], names: list[str]) -> dict[str, float]:
+    """Mixing weights by source name: known names, finite and >= 0, and not every source at 0."""
+    unknown = set(weights) - set(names)
+    if unknown:
+        raise DataError(f"weight for unknown source {sorted(unknown)[0]!r}; sources: {', '.join(names)}")
+    for name, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise DataError(f"the weight of source {name!r} must be a finite number >= 0, got {w!r}")
+    if names and all(weights.get(n, 1.0) == 0 for n in names):
+        raise DataError(f"every source has weight 0 ({', '.join(names)}): give at least one a positive weight")
+    return dict(weights)
+
+
+def write_training_text(sources: list[Source], infos: dict[Path, FileInfo], path: Path, *, val_fraction: float,
+                        dedup_min_chars: int, keep: float = 1.0, progress: tqdm | None = None
+                        ) -> tuple[int, dict[str, list[str]]]:
+    """Write the documents `prepare` puts in train.bin to `path` (every 1/keep-th of each source's),
+    and return (documents written, {source: the documents prepare holds out for val.bin}).
+
+    Read, deduplicated and split exactly as prepare does with the same val_fraction and dedup_min_chars.
+    """
+    check_split_options(val_fraction, dedup_min_chars)
+    held_out: dict[str, list[str]] = {}
+    dedup, written = Deduper(dedup_min_chars), 0
+    with open(path, "w", encoding="utf-8") as f:
+        for src in sources:
+            n = 0
+            for split, doc in split_documents(source_documents(src, infos, dedup, progress), val_fraction):
+                if split == "val":
+                    held_out.setdefault(src.name, []).append(doc)
+                    continue
+                if int((n + 1) * keep) > int(n * keep):  # every 1/keep-th document
+                    f.write(doc + "\n")
+                    written += 1
+                n += 1
+    return written, held_out
+
+
 # -- tokenization -------------------------------------------------------------------------------
 _worker_tok = None
 
@@ -252,20 +317,23 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
 
     weights: mixing weight per source name (default 1): a source's share of training windows is
     proportional to weight × its token count. Stored in meta.json; training may override it.
+    The files are built in a temp folder inside out_dir and swapped in once complete (meta.json
+    last), so a failed or interrupted prepare leaves the previous data in out_dir as it was.
     """
     from .tokenizer import Tokenizer
 
-    if not 0 < val_fraction <= 0.5:
-        raise DataError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
+    check_split_options(val_fraction, dedup_min_chars)
+    check_output_dir(out_dir, "--out")
+    if num_workers is not None and num_workers < 1:
+        raise DataError(f"--num-workers must be >= 1, got {num_workers}")
     sources = find_sources(inputs)
-    weights = dict(weights or {})
-    unknown = set(weights) - {s.name for s in sources}
-    if unknown:
-        raise DataError(f"weight for unknown source {sorted(unknown)[0]!r}; sources: {', '.join(s.name for s in sources)}")
+    weights = check_weights(dict(weights or {}), [s.name for s in sources])
     infos = {p: scan(p) for s in sources for p in s.files}
     if not any(i.has_text for i in infos.values()):
         raise DataError(f"the corpus is empty (no text in {' '.join(inputs)})")
     tok = Tokenizer.from_dir(tokenizer_dir)
+    if tok.eos_id is None:
+        raise DataError(f"the tokenizer in {tokenizer_dir} has no end-of-text token to end each document with")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tok.vocab_size)
@@ -275,7 +343,7 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
             "sources": [], "splits": {s: {"tokens": 0, "bytes": 0, "chars": 0, "docs": 0} for s in SPLITS}}
     dedup = Deduper(dedup_min_chars)
 
-    def write_both(train_tmp: Path, val_tmp: Path):
+    def write_both(train_path: Path, val_path: Path):
         ctx = mp.get_context("spawn")  # fork after the Rust tokenizer started threads can deadlock
         pool = ctx.Pool(num_workers, _init_worker, (str(tokenizer_dir),)) if num_workers > 1 else None
         if pool is None:
@@ -283,7 +351,7 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
         bar = tqdm(total=sum(i.size for i in infos.values()), unit="B", unit_scale=True, desc="prepare",
                    disable=not show_progress)
         try:
-            with open(train_tmp, "wb") as ftrain, open(val_tmp, "wb") as fval:
+            with open(train_path, "wb") as ftrain, open(val_path, "wb") as fval:
                 files = {"train": ftrain, "val": fval}
                 for src in sources:
                     m = {"name": src.name, "files": [str(p) for p in src.files], "weight": weights.get(src.name, 1.0),
@@ -306,17 +374,35 @@ def prepare(inputs: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
                         for k in ("tokens", "bytes", "chars", "docs"):
                             meta["splits"][s][k] += m[s][k]
                     meta["sources"].append(m)
+                for f in files.values():  # on disk before they replace the previous data
+                    f.flush()
+                    os.fsync(f.fileno())
         finally:
             bar.close()
             if pool is not None:
                 pool.terminate()
 
-    # val.bin is renamed into place inside train.bin's write; meta.json comes last and marks completion
-    (out / META_FILE).unlink(missing_ok=True)
-    atomic_write(out / "train.bin", lambda t: atomic_write(out / "val.bin", lambda v: write_both(t, v)))
-    tok.save(out / TOKENIZER_DIR)
-    write_json(out / META_FILE, meta)
+    for stale in out.glob(_TMP_PREFIX + "*"):  # left by a prepare that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out))
+    try:
+        write_both(tmp / "train.bin", tmp / "val.bin")
+        tok.save(tmp / TOKENIZER_DIR)
+        _swap_in(tmp, out, meta)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def _swap_in(tmp: Path, out: Path, meta: dict) -> None:
+    """Move the dataset built in `tmp` into `out`. meta.json goes first and comes back last, so a
+    folder with a meta.json always holds the data it describes; the swap itself is a few renames."""
+    (out / META_FILE).unlink(missing_ok=True)
+    for name in (*(f"{s}.bin" for s in SPLITS), TOKENIZER_DIR):
+        if (out / name).is_dir():
+            os.replace(out / name, tmp / f"old-{name}")  # a folder cannot be replaced in one rename; removed with tmp
+        os.replace(tmp / name, out / name)
+    write_json(out / META_FILE, meta)
 
 
 # -- reading prepared data ----------------------------------------------------------------------
@@ -369,9 +455,7 @@ class BatchSampler:
         The 'val' split is stratified: every source equally often, so each gets a val loss."""
         meta = meta or read_meta(data_dir)
         names = [s["name"] for s in meta["sources"]]
-        unknown = set(weights or {}) - set(names)
-        if unknown:
-            raise DataError(f"weight for unknown source {sorted(unknown)[0]!r}; sources: {', '.join(names)}")
+        check_weights(weights or {}, names)
         w = [(weights or {}).get(s["name"], s["weight"]) if split == "train" else 1 / max(1, s[split]["tokens"])
              for s in meta["sources"]]
         spans = [(s[split]["start"], s[split]["tokens"]) for s in meta["sources"]]

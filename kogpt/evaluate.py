@@ -112,11 +112,10 @@ def score_all(model: GPT, contexts: Sequence[Sequence[int]], continuations: Sequ
 
 
 def start_id(tokenizer) -> int:
-    """The token every scored text follows: BOS, else EOS (documents follow EOS in training)."""
-    for i in (tokenizer.bos_id, tokenizer.eos_id):
-        if i is not None:
-            return i
-    raise UserError("the tokenizer has neither a BOS nor an EOS token to start a text with")
+    """The token every scored text follows: Tokenizer.start_id (BOS, else EOS), which must exist."""
+    if tokenizer.start_id is None:
+        raise UserError("the tokenizer has neither a BOS nor an EOS token to start a text with")
+    return tokenizer.start_id
 
 
 def _limits(model: GPT, max_length: int | None) -> int:

@@ -30,8 +30,9 @@ from .errors import UserError
 from .model import GPT
 from .tasks import Example, Prediction, Task, get_task
 from .tasks.base import split_examples
-from .train import TrainResult, train
-from .train_config import TrainConfig
+from .fileio import check_output_dir
+from .train import TrainResult, check_run_folder, train
+from .train_config import DTYPES, TrainConfig, check_device
 from .train_config import _f as option  # a dataclass field that carries its --help text
 
 SPLIT_SEED = 0  # the validation split is the same whatever --seed is, so runs compare on the same examples
@@ -68,6 +69,8 @@ class FinetuneConfig:
     keep_last: int = option(2, "checkpoints to keep")
     log_every: int = option(10, "write a log.jsonl line every N steps")
     resume: bool = option(False, "continue from the latest checkpoint in --out (same flags)")
+    overwrite: bool = option(False, "start afresh in an --out that holds an earlier run, deleting its checkpoints, "
+                                    "model and log (without it, such an --out is refused)")
     # runtime
     seed: int = option(1337, "seed of the head's init and the data order")
     dtype: str = option("bfloat16", "autocast dtype of matmuls: bfloat16 or float32 (weights stay float32)")
@@ -223,10 +226,21 @@ def _check(fc: FinetuneConfig) -> None:
                       ("eval_every", 0), ("save_every", 0), ("keep_last", 1), ("log_every", 1)):
         if getattr(fc, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(fc, name)}")
-    if not fc.max_steps and not fc.epochs > 0:
+    if not fc.max_steps and not (math.isfinite(fc.epochs) and fc.epochs > 0):
         raise UserError(f"--epochs must be > 0, got {fc.epochs}")
     if not 0 <= fc.warmup < 1:
         raise UserError(f"--warmup must be in [0, 1), got {fc.warmup}")
+    if not (math.isfinite(fc.lr) and fc.lr > 0):
+        raise UserError(f"--lr must be > 0, got {fc.lr}")
+    if not (math.isfinite(fc.weight_decay) and fc.weight_decay >= 0):
+        raise UserError(f"--weight-decay must be >= 0, got {fc.weight_decay}")
+    if not 0 <= fc.seed < 1 << 64:
+        raise UserError(f"--seed must be in [0, 2**64), got {fc.seed}")
+    if fc.dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {fc.dtype!r}")
+    check_device(fc.device)
+    check_output_dir(fc.out, "--out")
+    check_run_folder(Path(fc.out), fc.resume, fc.overwrite)  # before the data and the model are read
 
 
 def finetune(fc: FinetuneConfig) -> TrainResult:
@@ -250,7 +264,7 @@ def finetune(fc: FinetuneConfig) -> TrainResult:
                       warmup_steps=round(fc.warmup * steps), weight_decay=fc.weight_decay, beta2=0.999,
                       eval_every=eval_every, save_every=fc.save_every or eval_every, keep_last=fc.keep_last,
                       log_every=fc.log_every, sample_tokens=0, seed=fc.seed, dtype=fc.dtype, device=fc.device,
-                      fsdp=fc.fsdp, progress=fc.progress)
+                      fsdp=fc.fsdp, progress=fc.progress, overwrite=fc.overwrite)
     return train(cfg, ft)
 
 

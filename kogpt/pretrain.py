@@ -158,12 +158,14 @@ def _sample(model: GPT, tok, cfg: TrainConfig, env) -> str:
     from .generate import generate_ids
     from .sampling import SamplingConfig
 
-    prompt = [tok.eos_id, *tok.encode(cfg.sample_prompt)]  # every document follows an EOS
+    start = [] if tok.start_id is None else [tok.start_id]  # the one start-token rule (Tokenizer.start_id)
+    prompt = [*start, *tok.encode(cfg.sample_prompt)]
     n = min(cfg.sample_tokens, model.config.n_positions - len(prompt))
-    if n <= 0:
+    if n <= 0 or not prompt:
         return ""
     rng = torch.Generator(env.device).manual_seed(cfg.seed)
     with torch.no_grad():
         new = generate_ids(model, [prompt], max_new_tokens=n, sampling=SamplingConfig(temperature=0.8, top_k=50),
-                           eos_ids=[tok.eos_id], rng=rng)[0]
-    return tok.decode(prompt[1:] + new, skip_special_tokens=True)  # decoded together: the space after the prompt stays
+                           eos_ids=[] if tok.eos_id is None else [tok.eos_id], rng=rng)[0]
+    # decoded together: the space after the prompt stays
+    return tok.decode(prompt[len(start):] + new, skip_special_tokens=True)

@@ -5,6 +5,7 @@ folder; the loop owns the rest: DDP/FSDP2 under torchrun (every rank draws the s
 runs its share of grad_accum), bf16 autocast, AdamW with warmup + cosine, validation, log.jsonl and
 loss.png, atomic checkpoints (every N steps, on SIGINT/SIGTERM) with exact resume, rank-0-only writes.
 `out/model` is written at the end, or at each new best validation score when the task selects one.
+An --out that holds an earlier run is refused unless --resume (continue it) or --overwrite (delete it).
 
     train(load_config("pretrain.toml", {"data": "data", "max_steps": 200}))
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -24,18 +27,18 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import write_json
 from .config import GPTConfig
 from .data import read_meta
 from .errors import UserError
+from .fileio import write_json
 from .model import Block
 from .optim import flops_per_token, lr_at, make_optimizer, measure_peak_flops, set_lr
 from .pretrain import LMTask
-from .run_log import RunLog
-from .train_config import TrainConfig
-from .train_state import gather, load_latest, restore, rng_state, save_checkpoint
+from .run_log import LOG_FILE, PLOT_FILE, RunLog
+from .train_config import TrainConfig, check_config
+from .train_state import checkpoints, gather, load_latest, restore, rng_state, save_checkpoint
 
-__all__ = ["Env", "LMTask", "Task", "TrainResult", "setup_env", "train", "train_step"]
+__all__ = ["Env", "LMTask", "Task", "TrainResult", "check_run_folder", "setup_env", "train", "train_step"]
 
 MODEL_DIR, CKPT_DIR = "model", "checkpoints"
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -98,14 +101,35 @@ class TrainResult:
     metrics: dict
 
 
+def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """A fresh run never writes over an earlier one: refuse an --out holding checkpoints or a model
+    unless --resume (continue it) or --overwrite (delete it) says what to do with it."""
+    if resume and overwrite:
+        raise UserError("give --resume (continue the run in --out) or --overwrite (start it over), not both")
+    if resume or overwrite:
+        return
+    found = []
+    if n := len(checkpoints(out / CKPT_DIR)):
+        found.append(f"{n} checkpoint(s)")
+    if (out / MODEL_DIR).exists():
+        found.append(f"{MODEL_DIR}/")
+    if found:
+        raise UserError(f"{out} holds an earlier run ({' and '.join(found)}): continue it with --resume, start over "
+                        f"with --overwrite (deletes its checkpoints, model and log), or pick another --out")
+
+
+def _clear_run(out: Path) -> None:
+    """--overwrite: delete the earlier run's checkpoints, model and log (rank 0, once the new run is ready)."""
+    for folder in (out / CKPT_DIR, out / MODEL_DIR):
+        if folder.is_dir():
+            shutil.rmtree(folder)
+    for name in (LOG_FILE, PLOT_FILE):
+        (out / name).unlink(missing_ok=True)
+
+
 def _check(cfg: TrainConfig, env: Env) -> None:
-    for name in ("batch_size", "grad_accum", "seq_len", "max_steps", "eval_batches", "keep_last", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.grad_accum % env.world:
         raise UserError(f"grad_accum {cfg.grad_accum} must be a multiple of the {env.world} torchrun processes")
-    if cfg.dtype not in _DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(_DTYPES)}, got {cfg.dtype!r}")
 
 
 @contextmanager
@@ -161,6 +185,8 @@ def train_step(fwd, net, opt, task, batches: list, autocast, grad_clip: float):
 
 def train(cfg: TrainConfig, task: Task | None = None) -> TrainResult:
     """Train as `cfg` says (resuming if cfg.resume); `task` defaults to LMTask (pretraining on cfg.data)."""
+    check_config(cfg)
+    check_run_folder(Path(cfg.out), cfg.resume, cfg.overwrite)
     env = setup_env(cfg.device)
     try:
         return _train(cfg, env, task)
@@ -188,6 +214,13 @@ def _train(cfg: TrainConfig, env: Env, task: Task | None) -> TrainResult:
     if resumed is not None and resumed["data_hash"] != task.data_hash:
         raise UserError(f"the checkpoint in {out / CKPT_DIR} was trained on other data (another tokenizer, "
                         f"task or training file): train into a new --out")
+    if resumed is not None and resumed["step"] >= cfg.max_steps:
+        done = _finished(resumed["step"], cfg, task, out)
+        if done is not None:
+            say(f"nothing to train: the run in {out} already reached step {cfg.max_steps} (max_steps); "
+                f"its model is in {done}")
+            return TrainResult(resumed["step"], done, None, {})
+        say(f"the run in {out} already reached step {cfg.max_steps} (max_steps); writing its model from the checkpoint")
 
     torch.manual_seed(cfg.seed)  # the same init on every rank
     model = task.start(cfg, env, resumed)
@@ -205,6 +238,8 @@ def _train(cfg: TrainConfig, env: Env, task: Task | None) -> TrainResult:
     n_micro = cfg.grad_accum // env.world
     peak = cfg.peak_flops or measure_peak_flops(_DTYPES[cfg.dtype], env.device)
     flops_token = flops_per_token(mcfg, cfg.seq_len)
+    if cfg.overwrite and env.main:
+        _clear_run(out)
     log = RunLog(out, env.main, step if resumed is not None else None)
     if env.main:
         write_json(out / "config.json", {"train": cfg.to_dict(), "model": _config_dict(mcfg),
@@ -280,6 +315,20 @@ def _train(cfg: TrainConfig, env: Env, task: Task | None) -> TrainResult:
     return TrainResult(step, model_dir, signum if step < cfg.max_steps else None, metrics)
 
 
+def _finished(step: int, cfg: TrainConfig, task, out: Path) -> Path | None:
+    """A resumed run whose checkpoint is at max_steps: its model folder, or None when the task can write
+    it again from the checkpoint (written at the end); past max_steps, or a lost best model, is an error."""
+    if step > cfg.max_steps:
+        raise UserError(f"the checkpoint in {out / CKPT_DIR} is at step {step}, past max_steps {cfg.max_steps}: "
+                        f"resume with the run's own settings (max_steps >= {step}), or train into a new --out")
+    if (out / MODEL_DIR).is_dir():
+        return out / MODEL_DIR
+    if task.select:
+        raise UserError(f"the run in {out} is complete, but its best model {out / MODEL_DIR} is missing and cannot "
+                        f"be rebuilt from the last checkpoint: train again into a new --out (or with --overwrite)")
+    return None
+
+
 def _config_dict(mcfg: GPTConfig) -> dict:
     d = asdict(mcfg)
     d.pop("extra")
@@ -292,5 +341,31 @@ def _export(model: torch.nn.Module, task, folder: Path, env: Env, step: int, met
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.main:
-        task.save(sd, folder, step, metrics)
+        _replace_folder(folder, lambda tmp: task.save(sd, tmp, step, metrics))
     return folder
+
+
+def _replace_folder(folder: Path, write) -> None:
+    """write(tmp) into a new sibling folder, then put it in place of `folder`: a kill mid-write leaves the
+    previous folder whole (and at worst a stray temp folder)."""
+    for stale in folder.parent.glob(f".{folder.name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.new.", suffix=".tmp", dir=folder.parent))
+    old = tmp.with_name(tmp.name.replace(".new.", ".old."))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder the usual permissions
+        write(tmp)
+        if folder.exists():
+            os.replace(folder, old)
+        try:
+            os.replace(tmp, folder)
+        except BaseException:
+            if old.exists():
+                os.replace(old, folder)  # put the previous folder back
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

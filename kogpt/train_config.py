@@ -2,7 +2,8 @@
 
 Each field documents itself once (its `help` metadata); the CLI builds one `--flag` per field from
 it. Precedence: defaults < TOML file < flags. A TOML key that is not a field is an error naming the
-key and the closest field, so a typo never silently trains with a default.
+key and the closest field, so a typo never silently trains with a default. check_config() checks
+every value, the device and --out before any work.
 
     cfg = load_config("pretrain.toml", {"max_steps": 100})
 """
@@ -11,11 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .fileio import check_output_dir
+
+DTYPES = ("bfloat16", "float32")
 
 
 def _f(default, help: str, **kw):
@@ -32,7 +38,10 @@ class TrainConfig:
     n_layer: int = _f(0, "layers, overriding the preset's (0 keeps it)")
     n_embd: int = _f(0, "width, overriding the preset's (0 keeps it)")
     n_head: int = _f(0, "attention heads, overriding the preset's (0 keeps it)")
-    resume: bool = _f(False, "continue from the latest checkpoint in --out (model, optimizer, data position)")
+    resume: bool = _f(False, "continue from the latest checkpoint in --out (model, optimizer, data position); a run "
+                             "already at max_steps trains nothing and exits 0 once its model folder is there")
+    overwrite: bool = _f(False, "start afresh in an --out that holds an earlier run, deleting its checkpoints, model "
+                                "and log (without it, such an --out is refused)")
     # batch: a step sees batch_size * grad_accum sequences of seq_len tokens, on any number of processes
     batch_size: int = _f(8, "sequences per micro-batch per process")
     grad_accum: int = _f(1, "micro-batches per optimizer step in total (divided among torchrun processes)")
@@ -84,7 +93,8 @@ def _check_type(name: str, value, where: str):
     want = FIELDS[name].type
     ok = {"bool": isinstance(value, bool), "int": isinstance(value, int) and not isinstance(value, bool),
           "float": isinstance(value, (int, float)) and not isinstance(value, bool), "str": isinstance(value, str),
-          "dict": isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values())}[want]
+          "dict": isinstance(value, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  for v in value.values())}[want]
     if not ok:
         raise UserError(f"{where}: {name} must be a {want}, got {value!r}")
     return float(value) if want == "float" else value
@@ -99,6 +109,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
                 raw = tomllib.load(f)
         except OSError as e:
             raise UserError(f"cannot read config {path} ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); TOML files are UTF-8") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{path} is not valid TOML ({e})") from None
         for key, value in raw.items():
@@ -110,3 +122,45 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     for key, value in (overrides or {}).items():
         values[key] = _check_type(key, value, "flag")
     return TrainConfig(**values)
+
+
+def check_device(device: str) -> None:
+    """UserError unless `device` is auto, cpu, cuda or cuda:N and that device exists."""
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if device in ("auto", "cpu"):
+        return
+    if m is None:
+        raise UserError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    import torch  # only here: --help and the TOML checks stay torch-free
+
+    if not torch.cuda.is_available():
+        raise UserError(f"device {device} was asked for, but no CUDA device is available (use cpu)")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        raise UserError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                        f"numbered from 0")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every setting in range, the device usable and --out a folder: a UserError before any work."""
+    for name in ("batch_size", "grad_accum", "seq_len", "max_steps", "eval_batches", "keep_last", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("n_layer", "n_embd", "n_head", "warmup_steps", "eval_every", "save_every", "sample_tokens"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    for name, ok, rule in (("lr", lambda x: x > 0, "> 0"), ("min_lr", lambda x: True, "a number (< 0: lr / 10)"),
+                           ("weight_decay", lambda x: x >= 0, ">= 0"), ("beta1", lambda x: 0 <= x < 1, "in [0, 1)"),
+                           ("beta2", lambda x: 0 <= x < 1, "in [0, 1)"), ("grad_clip", lambda x: x >= 0, ">= 0"),
+                           ("peak_flops", lambda x: x >= 0, ">= 0")):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and ok(v)):
+            raise UserError(f"{name} must be {rule}, got {v}")
+    if not 0 <= cfg.seed < 1 << 64:
+        raise UserError(f"seed must be in [0, 2**64), got {cfg.seed}")
+    for name, w in cfg.weights.items():
+        if not (math.isfinite(w) and w >= 0):
+            raise UserError(f"the weight of source {name!r} must be a finite number >= 0, got {w}")
+    if cfg.dtype not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    check_device(cfg.device)
+    check_output_dir(cfg.out, "--out")

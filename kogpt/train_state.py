@@ -11,21 +11,18 @@ it is read back with `weights_only=True`. The same file resumes a single process
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import time
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .checkpoint import atomic_write
 from .errors import UserError
+from .fileio import atomic_write  # looked up at each save: tests wrap it to pause between temp write and rename
 
 _NAME = re.compile(r"step-(\d+)\.pt")
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-PAUSE_ENV = "KOGPT_TEST_SAVE_PAUSE"  # tests: seconds to sleep between the temp write and the rename
 
 
 def rng_state() -> dict:
@@ -63,14 +60,7 @@ def checkpoints(folder: Path) -> list[Path]:
 def save_checkpoint(folder: Path, step: int, state: dict, keep_last: int) -> Path:
     """Write `state` as folder/step-N.pt atomically, then delete all but the newest keep_last."""
     path = folder / f"step-{step:08d}.pt"
-
-    def write(tmp: Path):
-        torch.save(state, tmp)
-        if os.environ.get(PAUSE_ENV):
-            print(f"checkpoint {path.name}: paused before rename", flush=True)
-            time.sleep(float(os.environ[PAUSE_ENV]))
-
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     for old in checkpoints(folder)[:-max(1, keep_last)]:
         old.unlink(missing_ok=True)
     return path

@@ -116,6 +116,19 @@ def test_missing_and_corrupt_files_name_the_file(hf_dir, tmp_path):
         load_model(empty)
 
 
+def test_negative_shape_in_a_safetensors_header_is_refused(hf_dir):
+    path = hf_dir / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2)
+    header[name]["shape"] = [-d for d in header[name]["shape"]]  # the same element count, so the sizes agree
+    new = json.dumps(header).encode()
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+    with pytest.raises(CheckpointError, match=f"model.safetensors is not a readable safetensors file.*{name}"):
+        load_model(hf_dir)
+
+
 def test_missing_tensor_and_wrong_shape(hf_model, tmp_path, family):
     hf_model.config.save_pretrained(tmp_path)
     tied = family == "gpt2"

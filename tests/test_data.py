@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from kogpt.cli import main
+from kogpt.cli.prepare import parse_weights
 from kogpt.data import (BatchSampler, DataError, Deduper, chars_per_token, find_sources, load_tokens, prepare,
-                        read_meta, split_documents, token_dtype)
+                        read_documents, read_meta, scan, split_documents, token_dtype, write_training_text)
+from kogpt.errors import UserError
 
-from conftest import shared_path
+from conftest import ROOT, shared_path
 
 DUP = "이 영화는 정말 최고의 영화입니다 다시 보고 싶어요"  # a review that occurs three times
 TITLE = "역사."  # a short section title repeated inside articles: kept
@@ -196,3 +203,156 @@ def test_chars_per_token(tok_dir):
     tok = Tokenizer.from_dir(tok_dir)
     text = "대한민국은 민주공화국이다."
     assert chars_per_token(tok, [text]) == pytest.approx(len(text) / len(tok.encode(text)))
+
+
+# -- re-prepare, CSV limits, weights, train-tokenizer, layering -----------------------------------
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_a_failed_reprepare_keeps_the_previous_data(corpus, tok_dir, data_dir, tmp_path, monkeypatch, failure):
+    import kogpt.data
+
+    out = tmp_path / "data"
+    shutil.copytree(data_dir, out)
+    before = files_of(out)
+    calls = []
+
+    def encode_then_fail(texts):  # the second tokenization task fails: train.bin is half written
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise failure
+        return real(texts)
+
+    real = kogpt.data._encode
+    monkeypatch.setattr(kogpt.data, "_encode", encode_then_fail)
+    with pytest.raises(type(failure)):
+        prepare([str(corpus)], tok_dir, out, val_fraction=0.1, num_workers=1, show_progress=False)
+    assert len(calls) == 2 and files_of(out) == before  # the previous data, whole; no temp files
+    meta = read_meta(out)
+    assert load_tokens(out, "train", meta).shape[0] == meta["splits"]["train"]["tokens"]
+
+    monkeypatch.setattr(kogpt.data, "_encode", real)
+    new = prepare([str(corpus)], tok_dir, out, val_fraction=0.1, num_workers=1, show_progress=False)
+    assert read_meta(out) == new and new["val_fraction"] == 0.1 and new != meta
+    for split in ("train", "val"):
+        assert load_tokens(out, split, new).shape[0] == new["splits"][split]["tokens"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer", "train.bin", "val.bin"]
+
+
+def test_csv_fields_past_the_csv_module_limit(tmp_path, monkeypatch):
+    import kogpt.data
+    from kogpt.evaluate import read_documents as eval_documents
+
+    long = "가나다라마바사 " * 30_000  # 240k characters: past Python's default 131,072 per field
+    path = tmp_path / "long.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([["Q", "A"], ["질문", long], ["둘째", "답"]])
+    info = scan(path)
+    assert [units for units, _ in read_documents(info)] == [[f"질문\n{long.strip()}"], ["둘째\n답"]]
+    assert eval_documents(path)[0] == f"질문\n{long.strip()}"
+
+    old = csv.field_size_limit(1000)  # a field past whatever limit holds: DataError naming file:line
+    monkeypatch.setattr(kogpt.data, "_CSV_FIELD_LIMIT", 1000)
+    try:
+        with pytest.raises(DataError, match=r"long\.csv:2: unreadable CSV \(field larger than field limit"):
+            scan(path)
+    finally:
+        csv.field_size_limit(old)
+
+
+def test_weights_must_be_finite_and_not_all_zero(corpus, tok_dir, tmp_path):
+    assert parse_weights(["wiki=2", "reviews=0"]) == {"wiki": 2.0, "reviews": 0.0}
+    for spec in ("wiki=inf", "wiki=nan", "wiki=-1", "wiki=-inf", "=2", "wiki"):
+        with pytest.raises(UserError):
+            parse_weights([spec])
+    with pytest.raises(DataError, match="every source has weight 0"):
+        prepare([str(corpus)], tok_dir, tmp_path, weights={"wiki": 0, "reviews": 0}, show_progress=False)
+    with pytest.raises(DataError, match="'wiki' must be a finite number"):
+        prepare([str(corpus)], tok_dir, tmp_path, weights={"wiki": float("inf")}, show_progress=False)
+    with pytest.raises(DataError, match="'wiki' must be a finite number"):
+        BatchSampler.from_dir(tmp_path, "train", 16, 0, {"wiki": float("nan")},
+                              {"sources": [{"name": "wiki", "weight": 1.0}]})
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def one_line_error(capsys, argv, *words):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(w in err[0] for w in words), err
+
+
+def test_train_tokenizer_flags_are_checked_before_reading(corpus, tmp_path, capsys):
+    base = ["train-tokenizer", "--input", str(corpus), "--out", str(tmp_path / "tok"), "--no-progress"]
+    one_line_error(capsys, [*base, "--vocab-size", "100"], "--vocab-size must be in [", "got 100")
+    one_line_error(capsys, [*base, "--min-frequency", "-1"], "--min-frequency must be in [0,")
+    for f in ("0", "5", "nan", "-0.1"):
+        one_line_error(capsys, [*base, "--val-fraction", f], "--val-fraction must be in (0, 0.5]")
+    one_line_error(capsys, [*base, "--dedup-min-chars", "-1"], "--dedup-min-chars must be >= 0")
+    one_line_error(capsys, [*base, "--sample-mb", "-1"], "--sample-mb must be")
+    one_line_error(capsys, [*base, "--sample-mb", "1e-9"], "no documents to train on", "--sample-mb")
+    (tmp_path / "file").write_text("x")
+    one_line_error(capsys, [*base[:-3], "--out", str(tmp_path / "file")], "--out", "is a file")
+    assert not (tmp_path / "tok").exists()
+
+
+def test_prepare_flags_are_checked_before_reading(corpus, tok_dir, tmp_path, capsys):
+    base = ["prepare", "--input", str(corpus), "--tokenizer", str(tok_dir), "--no-progress"]
+    one_line_error(capsys, [*base, "--out", str(tmp_path / "d"), "--val-fraction", "nan"], "--val-fraction")
+    one_line_error(capsys, [*base, "--out", str(tmp_path / "d"), "--dedup-min-chars", "-1"], "--dedup-min-chars")
+    one_line_error(capsys, [*base, "--out", str(tmp_path / "d"), "--weight", "wiki=inf"], "finite")
+    (tmp_path / "file").write_text("x")
+    one_line_error(capsys, [*base, "--out", str(tmp_path / "file")], "--out", "is a file")
+    assert not (tmp_path / "d").exists()
+
+
+def val_and_train_documents(data: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """The documents of a prepared folder, decoded: {source: val documents}, and all training documents."""
+    from kogpt.tokenizer import Tokenizer
+
+    meta, tok = read_meta(data), Tokenizer.from_dir(data / "tokenizer")
+    docs: dict = {"train": [], "val": {}}
+    for src in meta["sources"]:
+        for split in ("train", "val"):
+            s = src[split]
+            ids = load_tokens(data, split, meta)[s["start"]:s["start"] + s["tokens"]].tolist()
+            texts = [tok.decode(d) for d in split_at(ids[:-1], tok.eos_id)] if ids else []
+            if split == "train":
+                docs["train"] += texts
+            else:
+                docs["val"][src["name"]] = texts
+    return docs["val"], docs["train"]
+
+
+def test_train_tokenizer_holds_out_what_prepare_holds_out(corpus, tok_dir, tmp_path, capsys, monkeypatch):
+    import kogpt.data
+
+    prepare([str(corpus)], tok_dir, tmp_path / "d", val_fraction=0.05, dedup_min_chars=2, num_workers=1,
+            show_progress=False)
+    val, train_docs = val_and_train_documents(tmp_path / "d")
+    assert "둘째 문서.\n끝." in val["wiki"]  # with dedup_min_chars 2 the repeated short title is dropped
+    sources = find_sources([str(corpus)])
+    infos = {p: scan(p) for s in sources for p in s.files}
+    written, held_out = write_training_text(sources, infos, tmp_path / "t.txt", val_fraction=0.05, dedup_min_chars=2)
+    assert held_out == val and written == len(train_docs)
+    assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "".join(d + "\n" for d in train_docs)
+
+    seen = []  # the command passes its flags through
+
+    def spy(*args, **kw):
+        seen.append((kw["val_fraction"], kw["dedup_min_chars"]))
+        return write_training_text(*args, **kw)
+
+    monkeypatch.setattr(kogpt.data, "write_training_text", spy)
+    assert main(["train-tokenizer", "--input", str(corpus), "--out", str(tmp_path / "tok"), "--vocab-size", "1000",
+                 "--val-fraction", "0.05", "--dedup-min-chars", "2", "--no-progress"]) == 0
+    assert seen == [(0.05, 2)] and "wiki" in capsys.readouterr().out
+
+
+def test_the_data_pipeline_does_not_import_torch(tok_dir):
+    code = ("import sys, kogpt.data, kogpt.fileio, kogpt.run_log, kogpt.train_config; "
+            f"kogpt.data._init_worker({str(tok_dir)!r}); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'safetensors')))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

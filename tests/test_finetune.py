@@ -252,6 +252,42 @@ def test_bad_inputs_give_one_line_errors(nsmc_run, nsmc_file, tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # every error came before training
 
 
+def test_an_earlier_run_is_refused_or_reported(nsmc_run, nsmc_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(nsmc_run, run)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    lm = json.loads((nsmc_run / "config.json").read_text(encoding="utf-8"))["finetune"]["model"]
+    base = ["finetune", "--model", lm, "--task", "nsmc", "--train", str(nsmc_file), "--out", str(run)]
+    one_line_error(capsys, base, "holds an earlier run", "--resume", "--overwrite")
+    one_line_error(capsys, [*base, "--resume", "--epochs", "4", "--max-steps", "50", "--batch-size", "16",
+                            "--grad-accum", "1"], "at step 90, past max_steps 50")
+    result = finetune(FinetuneConfig(model=lm, task="nsmc", train=str(nsmc_file), out=str(run), epochs=4,
+                                     eval_every=9, save_every=18, keep_last=10, resume=True, **TINY))
+    assert (result.step, result.model_dir) == (90, run / "model")
+    assert "nothing to train" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    shutil.rmtree(run / "model")  # the best model cannot come back from the last checkpoint: said, not guessed
+    one_line_error(capsys, [*base, "--resume", "--epochs", "4", "--batch-size", "16", "--grad-accum", "1",
+                            "--lr", "1e-3", "--eval-batch-size", "64", "--eval-every", "9", "--save-every", "18",
+                            "--keep-last", "10", "--device", "cpu"], "best model", "is missing")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--device", "foo"], ["device must be cpu, cuda, cuda:N or auto"]),
+    (["--lr", "nan"], ["--lr must be > 0"]),
+    (["--lr", "-1"], ["--lr must be > 0"]),
+    (["--epochs", "inf"], ["--epochs must be > 0"]),
+    (["--weight-decay", "-0.1"], ["--weight-decay must be >= 0"]),
+    (["--dtype", "float16"], ["--dtype must be one of"]),
+    (["--resume", "--overwrite"], ["not both"]),
+])
+def test_bad_runtime_flags_fail_before_any_work(nsmc_file, tmp_path, capsys, flags, words):
+    out = tmp_path / "r"
+    one_line_error(capsys, ["finetune", "--model", "nowhere", "--task", "nsmc", "--train", str(nsmc_file), "--out",
+                            str(out), *flags], *words)  # the flags are checked before the model is looked for
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_cli_korsts_gptj_folder_equals_transformers(tmp_path, review_tokenizer):
     """The command line end to end on KorSTS with GPT-J: a regression head that transformers reproduces."""

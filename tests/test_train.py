@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,14 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from kogpt.cli import main
 from kogpt.config import GPTConfig
 from kogpt.errors import UserError
 from kogpt.model import GPT
 from kogpt.optim import flops_per_token, lr_at, param_groups
 from kogpt.loss import LMLoss, linear_cross_entropy
+from kogpt.run_log import RunLog, read_log
 from kogpt.train import LMTask, train
 from kogpt.train_config import TrainConfig, load_config
-from kogpt.train_state import PAUSE_ENV, checkpoints
+from kogpt.train_state import checkpoints
 
 from test_data import corpus, data_dir, make_tokenizer, tok_dir  # noqa: F401  (session fixtures: a prepared two-source corpus)
 
@@ -174,6 +177,134 @@ def test_shape_flags_override_the_preset_and_resume(data_dir, tmp_path):  # noqa
         train(small_config(data_dir, tmp_path / "x", n_embd=50, n_head=3))
 
 
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_fresh_run_refuses_an_out_with_an_earlier_run(run_a, data_dir, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    shutil.copytree(run_a, run)
+    before = files_of(run)
+    with pytest.raises(UserError, match="holds an earlier run .*--resume.*--overwrite"):
+        train(small_config(data_dir, run, max_steps=2))
+    assert files_of(run) == before  # nothing was touched
+    with pytest.raises(UserError, match="not both"):
+        train(small_config(data_dir, run, resume=True, overwrite=True))
+    assert files_of(run) == before
+
+    # --overwrite: the earlier run's checkpoints, model and log go; pruning sees the new run only
+    result = train(small_config(data_dir, run, max_steps=2, save_every=1, keep_last=5, overwrite=True,
+                                sample_tokens=0))
+    assert result.step == 2 and result.model_dir == run / "model"
+    assert [p.name for p in checkpoints(run / "checkpoints")] == ["step-00000001.pt", "step-00000002.pt"]
+    assert set(losses(run)) == {1, 2}
+    assert (run / "model" / "model.safetensors").read_bytes() != before["model/model.safetensors"]
+
+
+def test_resume_at_or_past_max_steps_is_clear(run_a, data_dir, tmp_path, capsys):  # noqa: F811
+    run = tmp_path / "run"
+    shutil.copytree(run_a, run)
+    before = files_of(run)
+    with pytest.raises(UserError, match="at step 6, past max_steps 4"):
+        train(small_config(data_dir, run, max_steps=4, resume=True))
+    result = train(small_config(data_dir, run, resume=True))  # the finished run's own command, again
+    assert (result.step, result.model_dir, result.signal) == (6, run / "model", None)
+    assert "nothing to train" in capsys.readouterr().out
+    assert files_of(run) == before
+    # killed between the last checkpoint and the export: --resume writes the model from the checkpoint
+    shutil.rmtree(run / "model")
+    result = train(small_config(data_dir, run, resume=True))
+    assert result.model_dir == run / "model" and set(losses(run)) == set(losses(run_a))
+    assert (run / "model" / "model.safetensors").read_bytes() == before["model/model.safetensors"]
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temp folder left
+
+
+def test_resume_skips_a_torn_last_log_line(run_a, data_dir, tmp_path):  # noqa: F811
+    shutil.copytree(run_a / "checkpoints", tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "step-00000006.pt").unlink()
+    torn = '{"step": 4, "loss": 1.5, "sample": "대한민국'.encode()[:-1]  # killed mid-line, mid-character
+    (tmp_path / "log.jsonl").write_bytes((run_a / "log.jsonl").read_bytes() + torn)
+    assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == [r["step"] for r in read_log(run_a / "log.jsonl")]
+    result = train(small_config(data_dir, tmp_path, resume=True))
+    assert result.step == 6
+    assert losses(tmp_path) == pytest.approx(losses(run_a), rel=1e-6)
+
+
+def test_run_log_appends_whole_lines(tmp_path):
+    log = RunLog(tmp_path, enabled=True, resume_step=None)
+    log.write(step=1, loss=2.0, sample="한국어 " * 2000)  # a long line: one write() all the same
+    with open(tmp_path / "log.jsonl", "ab") as f:
+        f.write(b'{"step": 2, "lo')  # a torn line
+    RunLog(tmp_path, enabled=True, resume_step=5)  # resuming drops it
+    log.write(step=3, loss=1.0)
+    assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == [1, 3]
+    assert len((tmp_path / "log.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--device", "foo"], ["device must be cpu, cuda, cuda:N or auto", "'foo'"]),
+    (["--device", "cuda:x"], ["device must be"]),
+    (["--lr", "-1"], ["lr must be > 0"]),
+    (["--lr", "nan"], ["lr must be > 0"]),
+    (["--lr", "inf"], ["lr must be > 0"]),
+    (["--beta2", "1"], ["beta2 must be in [0, 1)"]),
+    (["--warmup-steps", "-1"], ["warmup_steps must be >= 0"]),
+    (["--seed", "-1"], ["seed must be in"]),
+    (["--weight", "wiki=inf"], ["--weight wiki=inf", "finite"]),
+    (["--weight", "wiki=nan"], ["finite"]),
+    (["--resume", "--overwrite"], ["not both"]),
+])
+def test_bad_train_flags_fail_before_any_work(data_dir, tmp_path, capsys, flags, words):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data_dir), "--out", str(out), "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(w in err[0] for w in words), err
+    assert not out.exists()
+
+
+def test_bad_train_devices_configs_and_outs(data_dir, tmp_path, capsys):  # noqa: F811
+    def one_line_error(argv, *words):
+        assert main(["train", "--data", str(data_dir), *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), err
+
+    if not torch.cuda.is_available():
+        one_line_error(["--out", str(tmp_path / "r"), "--device", "cuda"], "no CUDA device")
+        one_line_error(["--out", str(tmp_path / "r"), "--device", "cuda:1"], "no CUDA device")
+    (tmp_path / "latin1.toml").write_bytes("# café\nlr = 1e-3\n".encode("latin-1"))
+    one_line_error(["--config", str(tmp_path / "latin1.toml"), "--out", str(tmp_path / "r")], "latin1.toml",
+                   "not UTF-8")
+    (tmp_path / "bool.toml").write_bytes(b"[weights]\nwiki = true\n")
+    one_line_error(["--config", str(tmp_path / "bool.toml"), "--out", str(tmp_path / "r")], "weights must be a dict")
+    (tmp_path / "file").write_text("x")
+    one_line_error(["--out", str(tmp_path / "file"), "--device", "cpu"], "--out", "is a file")
+    one_line_error(["--out", str(tmp_path / "file" / "run"), "--device", "cpu"], "is a file, not a folder")
+    assert not (tmp_path / "r").exists()
+
+
+def test_training_sample_follows_the_start_token_rule(data_dir, monkeypatch):  # noqa: F811
+    import kogpt.generate
+    from kogpt.pretrain import _sample
+    from kogpt.tokenizer import Tokenizer
+
+    prompts = []
+
+    def fake_generate(model, ps, **kw):
+        prompts.append((ps[0], kw["eos_ids"]))
+        return [[]]
+
+    monkeypatch.setattr(kogpt.generate, "generate_ids", fake_generate)
+    model, env, cfg = GPT(GPTConfig.preset("tiny-gpt2")), _env(), TrainConfig(sample_prompt="대한민국은")
+    folder = data_dir / "tokenizer"
+    for tok in (Tokenizer.from_dir(folder), Tokenizer.from_dir(folder, bos_token="<s>"),
+                Tokenizer.from_dir(folder, bos_token=None, eos_token=None)):
+        assert _sample(model, tok, cfg, env) == "대한민국은"
+        ids = tok.encode("대한민국은")
+        assert prompts[-1] == ([tok.start_id, *ids] if tok.start_id is not None else ids,
+                               [tok.eos_id] if tok.eos_id is not None else [])
+    assert [p[0][0] for p in prompts[:2]] == [1, 0]  # </s> (bos = eos), then <s> once it is the BOS
+
+
 @torch.no_grad()
 def test_final_folder_loads_in_transformers_with_the_same_logits(run_a):
     import transformers
@@ -230,11 +361,32 @@ def test_lm_loss_under_bf16_autocast_matches_the_plain_autocast_path():
 
 
 # -- processes: kills, signals, torchrun, errors ------------------------------------------------
-def _spawn(data: Path, out: Path, env=None, **kw) -> subprocess.Popen:
+# `kogpt train` whose checkpoint saves pause between the temp write and the rename (argv[1] seconds),
+# so a test can kill the process mid-save; the product code has no test hook for it
+PAUSING_SAVES = """
+import sys, time
+import kogpt.train_state as ts
+from kogpt.cli import main
+
+real = ts.atomic_write
+
+def atomic_write(path, write):
+    def write_then_pause(tmp):
+        write(tmp)
+        print(f"checkpoint {path.name}: paused before rename", flush=True)
+        time.sleep(float(sys.argv[1]))
+    real(path, write_then_pause)
+
+ts.atomic_write = atomic_write
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _spawn(data: Path, out: Path, pause: float = 0.0, **kw) -> subprocess.Popen:
     cfg = {**SMALL, "data": data, "out": out, **kw}
-    return subprocess.Popen([sys.executable, "-m", "kogpt", "train", *cli_flags(cfg)], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.Popen([sys.executable, "-c", PAUSING_SAVES, str(pause), "train", *cli_flags(cfg)], cwd=ROOT,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def _wait_for(proc: subprocess.Popen, cond, timeout=120):
@@ -253,7 +405,7 @@ def test_sigkill_mid_run_and_mid_save_then_resume(data_dir, tmp_path):  # noqa: 
 
     # mid-save: every save pauses between its temp write and the rename; kill the second (step 8) there
     out = tmp_path / "mid_save"
-    proc = _spawn(data_dir, out, env={PAUSE_ENV: "2"}, **kw)
+    proc = _spawn(data_dir, out, pause=2, **kw)
     paused = []
     _wait_for(proc, lambda: paused.append(proc.stdout.readline()) or sum("paused" in ln for ln in paused) == 2)
     proc.kill()
@@ -263,7 +415,7 @@ def test_sigkill_mid_run_and_mid_save_then_resume(data_dir, tmp_path):  # noqa: 
 
     # mid-run: saves pause briefly; kill as soon as step 6 is logged (during steps 6-8 or the step-8 save)
     out2 = tmp_path / "mid_run"
-    proc = _spawn(data_dir, out2, env={PAUSE_ENV: "0.5"}, **kw)
+    proc = _spawn(data_dir, out2, pause=0.5, **kw)
     _wait_for(proc, lambda: (out2 / "log.jsonl").exists() and 6 in losses(out2))
     proc.kill()
     proc.wait()
@@ -282,7 +434,7 @@ def test_sigkill_mid_run_and_mid_save_then_resume(data_dir, tmp_path):  # noqa: 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits(data_dir, tmp_path):  # noqa: F811
-    proc = _spawn(data_dir, tmp_path, env={PAUSE_ENV: "0.3"}, max_steps=1000, save_every=0, sample_tokens=0)
+    proc = _spawn(data_dir, tmp_path, pause=0.3, max_steps=1000, save_every=0, sample_tokens=0)
     _wait_for(proc, lambda: (tmp_path / "log.jsonl").exists() and len(losses(tmp_path)) >= 3)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM

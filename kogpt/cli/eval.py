@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
+from ..fileio import check_output_file
 from .common import add_model_arguments, classifier_folder, load, load_classifier
 
 NAME = "eval"
@@ -45,6 +46,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UserError("--shots and --fewshot-data are for the benchmark tasks, not perplexity")
     if args.task != "perplexity" and args.stride is not None:
         raise UserError("--stride is for --task perplexity")
+    if args.output:
+        check_output_file(args.output, "--output")
     if args.shots and args.fewshot_data is None:
         raise UserError("--shots needs --fewshot-data: a file to draw demonstrations from")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..errors import UserError
 
@@ -29,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_weights(specs: list[str]) -> dict[str, float]:
+    """{source: weight} of --weight NAME=W flags; each W a finite number >= 0 (whether the names exist,
+    and that not all are 0, is checked against the sources)."""
     out = {}
     for spec in specs:
         name, _, w = spec.partition("=")
@@ -36,8 +39,10 @@ def parse_weights(specs: list[str]) -> dict[str, float]:
             out[name] = float(w)
         except ValueError:
             raise UserError(f"--weight takes NAME=WEIGHT, got {spec!r}") from None
-        if out[name] < 0:
-            raise UserError(f"--weight {spec}: weights must be >= 0")
+        if not name:
+            raise UserError(f"--weight takes NAME=WEIGHT, got {spec!r}")
+        if not math.isfinite(out[name]) or out[name] < 0:
+            raise UserError(f"--weight {spec}: a weight must be a finite number >= 0")
     return out
 
 

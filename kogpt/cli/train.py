@@ -2,6 +2,7 @@
 
 Every TrainConfig field is a flag (built from the field's own help) and a TOML key of --config;
 flags win over the file. Under `torchrun --nproc_per_node N -m kogpt train ...` it runs DDP.
+An --out that holds an earlier run is refused unless --resume or --overwrite says what to do with it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ HELP = "train a Korean GPT on prepared data (TOML config, every key overridable 
 EPILOG = """examples:
   kogpt train --data data --out runs/tiny --preset tiny --max-steps 300
   kogpt train --config pretrain.toml --lr 3e-4 --resume
+  kogpt train --data data --out runs/tiny --preset tiny --overwrite   # delete runs/tiny's earlier run, start over
   torchrun --nproc_per_node 2 -m kogpt train --config pretrain.toml --grad-accum 4
 """
 

@@ -1,19 +1,21 @@
 """`kogpt train-tokenizer`: a SentencePiece-style Korean BPE from text, with chars/token on held-out text.
 
 Documents are read, NFC-normalized and deduplicated exactly as `kogpt prepare` does, and the
-documents prepare would hold out for validation (same --val-fraction) are held out here too: the
-tokenizer never sees them, and characters per token is measured on them, per source.
+documents prepare would hold out for validation (same --val-fraction and --dedup-min-chars) are held
+out here too: the tokenizer never sees them, and characters per token is measured on them, per source.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import tempfile
 import time
 from pathlib import Path
 
 NAME = "train-tokenizer"
 HELP = "train a Korean BPE tokenizer (NFC, Metaspace, byte fallback) on text files"
+MAX_VOCAB = 1 << 32  # token ids are stored as uint32 by prepare
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,38 +28,54 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on about this many MB, taken evenly from every source (default: 0, all)")
     p.add_argument("--val-fraction", type=float, default=0.005, metavar="F",
                    help="documents held out per source for the chars/token report; use prepare's (default: 0.005)")
+    p.add_argument("--dedup-min-chars", type=int, default=10, metavar="N",
+                   help="as prepare's: inside multi-line documents, keep duplicate lines shorter than N characters; "
+                        "use prepare's so both hold out the same documents (default: 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Every flag in range before any file is read (a one-line UserError otherwise)."""
+    from ..data import check_split_options
+    from ..errors import UserError
+    from ..fileio import check_output_dir
+    from ..tokenizer import BYTE_TOKENS, EMOTICONS, MIN_LEARNED, SPECIAL_TOKENS
+
+    smallest = len(dict.fromkeys([*SPECIAL_TOKENS, *EMOTICONS, *BYTE_TOKENS])) + MIN_LEARNED  # as train_tokenizer
+    if not smallest <= args.vocab_size <= MAX_VOCAB:
+        raise UserError(f"--vocab-size must be in [{smallest}, {MAX_VOCAB}] ({smallest - MIN_LEARNED} ids are "
+                        f"reserved for special, emoji and byte tokens), got {args.vocab_size}")
+    if not 0 <= args.min_frequency < 1 << 63:
+        raise UserError(f"--min-frequency must be in [0, {(1 << 63) - 1}], got {args.min_frequency}")
+    if not (math.isfinite(args.sample_mb) and args.sample_mb >= 0):
+        raise UserError(f"--sample-mb must be a number >= 0, got {args.sample_mb}")
+    check_split_options(args.val_fraction, args.dedup_min_chars)
+    check_output_dir(args.out, "--out")
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..data import Deduper, chars_per_token, find_sources, scan, source_documents, split_documents
+    from ..data import chars_per_token, find_sources, scan, write_training_text
     from ..errors import UserError
     from ..tokenizer import train_tokenizer
 
+    _check(args)
     sources = find_sources(args.input)
     infos = {p: scan(p) for s in sources for p in s.files}
     if not any(i.has_text for i in infos.values()):
         raise UserError(f"the corpus is empty (no text in {' '.join(args.input)})")
     total = sum(i.size for i in infos.values())
     keep = min(1.0, args.sample_mb * 1e6 / total) if args.sample_mb > 0 else 1.0
-    held_out: dict[str, list[str]] = {}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kogpt-tok-") as tmp:
         text = Path(tmp) / "train.txt"
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="read", disable=args.no_progress)
-        with open(text, "w", encoding="utf-8") as f:
-            dedup = Deduper()
-            for src in sources:
-                n = 0
-                for split, doc in split_documents(source_documents(src, infos, dedup, bar), args.val_fraction):
-                    if split == "val":
-                        held_out.setdefault(src.name, []).append(doc)
-                    elif int((n + 1) * keep) > int(n * keep):  # every 1/keep-th document
-                        f.write(doc + "\n")
-                    n += split == "train"
+        written, held_out = write_training_text(sources, infos, text, val_fraction=args.val_fraction,
+                                                dedup_min_chars=args.dedup_min_chars, keep=keep, progress=bar)
         bar.close()
+        if not written:
+            raise UserError(f"no documents to train on: --sample-mb {args.sample_mb:g} takes none of them")
         tok = train_tokenizer([text], args.vocab_size, min_frequency=args.min_frequency,
                               show_progress=not args.no_progress)
     tok.save(args.out)
