@@ -97,17 +97,22 @@ def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True)
 
 
 _LOAD_SCRIPT = """
-import resource, sys, time, json
+import sys, time, json
 from pathlib import Path
 import torch
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):  # kB from /proc (ru_maxrss would be inherited from the parent across fork + exec)
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+base = status("VmRSS:")
 which, folder, dtype = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 from kogpt import bench
 t = time.perf_counter()
 model = bench._kogpt(folder, dtype) if which == "kogpt" else bench._hf(folder, dtype)
 dt = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-weights = sum(t.numel() * t.element_size() for t in {id(p): p for p in list(model.parameters()) + list(model.buffers())}.values())
+peak = status("VmHWM:")
+tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once; packed layers report dense
+weights = sum(t.numel() * t.element_size() for t in tensors.values())
 print(json.dumps({"load_s": dt, "peak_rss_mb": (peak - base) / 1024, "weights_mb": weights / 2**20}))
 """
 
