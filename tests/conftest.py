@@ -46,6 +46,16 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from more threads, and OpenMP threads spin-wait on a shared machine.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=["gpt2", "gptj"])
 def family(request) -> str:
     return request.param

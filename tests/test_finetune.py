@@ -29,13 +29,7 @@ from kogpt.train_state import checkpoints
 TINY = dict(batch_size=16, grad_accum=1, lr=1e-3, eval_batch_size=64, log_every=1, progress=False, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and OpenMP threads spin-wait on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,13 +34,7 @@ SMALL = dict(preset="tiny", seq_len=32, batch_size=4, grad_accum=2, max_steps=6,
              progress=False, peak_flops=1e12, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads, and OpenMP threads spin-wait on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(data: Path, out: Path, **kw) -> TrainConfig:
