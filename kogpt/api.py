@@ -28,6 +28,7 @@ from .model import GPT
 from .packing import pack_linears
 from .quantize import quantize_int8
 from .sampling import SamplingConfig
+from .steering import PPLMConfig, Steerer, make_bags
 from .tokenizer import StreamDecoder, Tokenizer
 
 DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "int8")
@@ -200,24 +201,38 @@ class KoGPT:
             ids = [self.tokenizer.start_id or 0]
         return ids
 
+    def steerers(self, bow, pplm: PPLMConfig | dict | None, n: int) -> list[Steerer] | None:
+        """n fresh PPLM Steerers for `bow` (a topic name or word-list file, a list of words, or a list of
+        those), or None when bow is None or pplm turns steering off (stepsize 0)."""
+        config = pplm if isinstance(pplm, PPLMConfig) else PPLMConfig.from_dict(pplm)
+        if bow is None or not config.active:
+            return None
+        bags = make_bags(bow, self.tokenizer)
+        return [Steerer(bags, config) for _ in range(n)]
+
     def iter_completions(self, prompts: Sequence[str], *, stop: Sequence[str] = (), seed: int | None = None,
-                         num_return_sequences: int = 1, **options) -> Iterator[tuple[int, str, Completion | None]]:
+                         num_return_sequences: int = 1, bow=None, pplm: PPLMConfig | dict | None = None,
+                         **options) -> Iterator[tuple[int, str, Completion | None]]:
         """Yield (row, text piece, None) as text is produced, then (row, "", Completion) when a row ends.
 
         Rows are the prompts, each repeated num_return_sequences times, generated as one batch.
+        bow steers toward a bag of words with PPLM (steering.py; knobs in pplm); top_k defaults to 10 then.
         """
         if num_return_sequences < 1:
             raise UserError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
+        if bow is not None and options.get("top_k") is None:
+            options["top_k"] = 10  # upstream PPLM's default
         sampling, max_new, max_len = self.options(**options)
         prompts = [p for p in prompts for _ in range(num_return_sequences)]
         encoded = [self.encode_prompt(p) for p in prompts]
+        steer = self.steerers(bow, pplm, len(prompts))
         rows = [TextStream(self.tokenizer, stop, e) for e in encoded]
         rng = None
         if seed is not None:
             rng = torch.Generator(self.model.wte.weight.device).manual_seed(seed)
         eos = [i for i in {self.tokenizer.eos_id} if i is not None]
         events = generate(self.model, encoded, max_new_tokens=[self._budget(len(e), max_new, max_len) for e in encoded],
-                          sampling=sampling, eos_ids=eos, rng=rng, stop=lambda b, tok: rows[b].push(tok))
+                          sampling=sampling, eos_ids=eos, rng=rng, stop=lambda b, tok: rows[b].push(tok), steer=steer)
         for ev in events:
             row = rows[ev.key]
             if ev.finish:

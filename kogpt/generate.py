@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -22,6 +22,9 @@ from .errors import UserError
 from .kv_cache import KVCache
 from .model import GPT
 from .sampling import GREEDY, SamplingConfig, sample
+
+if TYPE_CHECKING:
+    from .steering import Steerer
 
 StepFn = Callable[[GPT, torch.Tensor, KVCache, slice], torch.Tensor]
 
@@ -41,6 +44,7 @@ class Request:
     stop: Callable[[int], bool] | None = None  # called with each new non-EOS id; True ends the request
     key: Any = None  # the caller's handle, echoed in every Event
     logprobs: int | None = None  # report the chosen id's log-probability and this many top alternatives
+    steer: Steerer | None = None  # PPLM steering state of this request (steering.py); one per request
 
 
 @dataclass(frozen=True)
@@ -118,9 +122,11 @@ class Engine:
             tok = torch.zeros(hi, 1, dtype=torch.long, device=self.cache.k.device)
             for row, a in self.rows.items():
                 tok[row, 0] = a.history[-1]
+                if a.req.steer is not None:  # nudge this row's past before its token goes through
+                    a.req.steer.perturb(self.model, self.cache, row, a.history)
             logits = self.step_fn(self.model, tok, self.cache, slice(0, hi))
             for row, a in self.rows.items():
-                a.logits = logits[row]
+                a.logits = logits[row] if a.req.steer is None else a.req.steer.fuse(logits[row])
             self.cache.lengths[[r for r in range(hi) if r not in self.rows]] = 0
         return events
 
@@ -134,17 +140,25 @@ class Engine:
             req.max_new_tokens = budget
             row = min(set(range(self.cache.batch_size)) - set(self.rows))
             self.cache.reset(slice(row, row + 1))
-            ids = torch.tensor([list(req.ids)], dtype=torch.long, device=self.cache.k.device)
-            logits = self.model(ids, self.cache, slice(row, row + 1), last_only=True)
-            self.rows[row] = _Active(req, list(req.ids), logits[0, -1])
+            # a steered request prefills all but its last prompt token: the first new token is steered too
+            prefill = list(req.ids) if req.steer is None else list(req.ids)[:-1]
+            logits = None
+            if prefill:
+                ids = torch.tensor([prefill], dtype=torch.long, device=self.cache.k.device)
+                logits = self.model(ids, self.cache, slice(row, row + 1), last_only=True)[0, -1]
+            if req.steer is not None:
+                req.steer.start(self.cache, row)
+                logits = None  # sampled after this step's (steered) forward of the last prompt token
+            self.rows[row] = _Active(req, list(req.ids), logits)
 
     def _sample(self, events: list[Event]) -> None:
         groups: dict[tuple, list[int]] = {}  # rows sharing sampling settings and RNG sample together
         for row, a in self.rows.items():
-            groups.setdefault((a.req.sampling, id(a.req.rng)), []).append(row)
+            if a.logits is not None:  # a steered request's first step has nothing to sample yet
+                groups.setdefault((a.req.sampling, id(a.req.rng)), []).append(row)
         for rows in groups.values():
             first = self.rows[rows[0]].req
-            logits = torch.stack([self.rows[r].logits for r in rows])  # (G, V)
+            logits = torch.stack([self.rows[r].logits.float() for r in rows])  # (G, V)
             tok = sample(logits, self._history(rows), first.sampling, first.rng).tolist()
             for i, (row, t) in enumerate(zip(rows, tok)):
                 events.append(self._advance(row, t, logits[i]))
@@ -190,21 +204,27 @@ class Engine:
 
 def generate(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
              sampling: SamplingConfig = GREEDY, eos_ids: Sequence[int] = (), rng: torch.Generator | None = None,
-             stop: Callable[[int, int], bool] | None = None, step_fn: StepFn = decode_step) -> Iterator[Event]:
+             stop: Callable[[int, int], bool] | None = None, step_fn: StepFn = decode_step,
+             steer: Sequence[Steerer | None] | None = None) -> Iterator[Event]:
     """Yield an Event per new token of each prompt (Event.key is the prompt's index), in step order.
 
     max_new_tokens: one budget for all prompts or one per prompt; capped so prompt + new tokens fit
-    the context. stop(index, token) -> True ends that prompt with finish "stop".
+    the context. stop(index, token) -> True ends that prompt with finish "stop". steer: a Steerer
+    (or None) per prompt.
     """
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts):
         raise ValueError("max_new_tokens needs one budget per prompt")
+    steers = list(steer) if steer is not None else [None] * len(prompts)
+    if len(steers) != len(prompts):
+        raise ValueError("steer needs one Steerer (or None) per prompt")
     if not prompts:
         return
     need = max(len(p) + max(n, 1) for p, n in zip(prompts, budgets))  # a zero budget still fits its prompt
     engine = Engine(model, slots=len(prompts), max_len=need, step_fn=step_fn)
     for i, (p, n) in enumerate(zip(prompts, budgets)):
-        engine.submit(Request(p, n, sampling, tuple(eos_ids), rng, None if stop is None else _bind(stop, i), key=i))
+        engine.submit(Request(p, n, sampling, tuple(eos_ids), rng, None if stop is None else _bind(stop, i), key=i,
+                              steer=steers[i]))
     while not engine.idle:
         yield from engine.step()
 
@@ -215,10 +235,11 @@ def _bind(stop: Callable[[int, int], bool], i: int) -> Callable[[int], bool]:
 
 def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
                  sampling: SamplingConfig = GREEDY, eos_ids: Sequence[int] = (),
-                 rng: torch.Generator | None = None) -> list[list[int]]:
+                 rng: torch.Generator | None = None, steer: Sequence[Steerer | None] | None = None) -> list[list[int]]:
     """The new ids of each prompt (an ending EOS id included, as transformers returns it)."""
     out: list[list[int]] = [[] for _ in prompts]
-    for ev in generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, rng=rng):
+    for ev in generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, rng=rng,
+                       steer=steer):
         if ev.token >= 0:
             out[ev.key].append(ev.token)
     return out

@@ -3,7 +3,8 @@
 PyTorch's default CPU linear for bf16 reaches roughly half the memory bandwidth at batch 1; the
 same weights reordered once into oneDNN's blocked layout (`mkldnn._reorder_linear_weight`) and
 applied with `mkldnn._linear_pointwise` run 2–3× faster on AVX-512 CPUs. Packed weights are an
-inference-only layout (no training); state_dict() still yields the plain `weight`/`bias`, so a packed
+inference layout (no training; inputs that need gradients, as in PPLM steering, take a dense
+copy of the weight); state_dict() still yields the plain `weight`/`bias`, so a packed
 model saves like any other.
 
     model = pack_linears(load_model(folder, dtype=torch.bfloat16))
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -30,6 +32,8 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad:  # gradients w.r.t. the input (PPLM steering): the dense weight, differentiably
+            return F.linear(x, self.packed.to_dense(), self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # the dense weight, as nn.Linear has it

@@ -39,9 +39,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)  # (N, in)
-        if _HAS_KERNEL and x2.device.type == "cpu":
+        if _HAS_KERNEL and x2.device.type == "cpu" and not x2.requires_grad:
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)  # (N, out)
-        else:  # other devices: dequantize on the fly
+        else:  # other devices, or gradients w.r.t. the input (PPLM steering): dequantize on the fly
             y = F.linear(x2, self.qweight.to(self.compute_dtype) * self.scales[:, None])
         if self.bias is not None:
             y = y + self.bias

@@ -236,6 +236,11 @@ BAD = [
     ({"prompt": "안녕하세요", "max_tokens": 255}, "max_tokens", "context"),
     ({"prompt": "오늘 날씨가 정말 좋네요 " * 80}, "prompt", "context holds 256"),
     ({"messages": []}, "messages", "at least 1"),
+    ({"prompt": "a", "bow": "/etc/passwd"}, "bow", "bundled topic"),  # never a server-side file
+    ({"prompt": "a", "bow": []}, "bow", "1 to 500 words"),
+    ({"prompt": "a", "pplm": {"stepsize": 0.1}}, "pplm", "need bow"),
+    ({"prompt": "a", "bow": "sports", "pplm": {"num_iterations": 50}}, "pplm", "less than"),
+    ({"prompt": "a", "bow": "sports", "pplm": {"step": 1}}, "pplm", "Extra inputs"),
 ]
 
 
@@ -257,6 +262,17 @@ def test_other_errors(url, client):
     assert httpx.get(f"{url}/v1/nothing").json()["error"]["type"] == "not_found_error"
     with pytest.raises(openai.BadRequestError, match="context"):
         client.completions.create(model="m", prompt="안녕 " * 300)
+
+
+def test_pplm_extension_fields(client, ref):
+    """bow + pplm steer through HTTP exactly as the Python API does; stepsize 0 is plain sampling."""
+    kw = dict(max_new_tokens=10, do_sample=True, temperature=1.0, seed=5)
+    extra = {"bow": ["서울", "영화"], "pplm": {"stepsize": 0.5}}
+    r = client.completions.create(model="m", prompt="오늘은", max_tokens=10, temperature=1.0, seed=5, extra_body=extra)
+    assert r.choices[0].text == ref.generate("오늘은", bow=["서울", "영화"], pplm={"stepsize": 0.5}, **kw)
+    r0 = client.completions.create(model="m", prompt="오늘은", max_tokens=10, temperature=1.0, seed=5,
+                                   extra_body={"bow": "sports", "pplm": {"stepsize": 0}})
+    assert r0.choices[0].text == ref.generate("오늘은", top_k=10, **kw) != r.choices[0].text
 
 
 # -- batching, streaming text, cancellation, back-pressure ---------------------------------------

@@ -48,6 +48,42 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
 
+PPLM_FLAGS = {"stepsize": float, "num_iterations": int, "kl_scale": float, "gm_scale": float, "gamma": float,
+              "window_length": int, "grad_length": int}  # kogpt.steering.PPLMConfig fields
+
+
+def add_steering_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("steering (PPLM bag of words; top-k defaults to 10 when steering)")
+    g.add_argument("--bow", action="append", default=[], metavar="TOPIC|FILE",
+                   help="steer toward a bundled topic (sports 스포츠, economy 경제, politics 정치, science 과학, "
+                        "fantasy 판타지, horror 공포, mystery 추리, space 우주) or a word-list file (repeatable)")
+    g.add_argument("--bow-words", default=None, metavar="W1,W2,...", help="steer toward these comma-separated words")
+    for name, kind in PPLM_FLAGS.items():  # defaults: upstream PPLM's (kogpt.steering.PPLMConfig, README)
+        g.add_argument(f"--pplm-{name.replace('_', '-')}", type=kind, default=None, metavar="N" if kind is int else "X",
+                       help=f"PPLM {name}" + ("; 0 turns steering off" if name == "stepsize" else ""))
+
+
+def steering_options(args: argparse.Namespace) -> dict:
+    """bow / pplm keyword arguments of KoGPT.iter_completions from parsed flags; checked before loading."""
+    from ..steering import PPLMConfig, read_words
+
+    bags: list = list(args.bow)
+    if args.bow_words is not None:
+        words = [w.strip() for w in args.bow_words.split(",") if w.strip()]
+        if not words:
+            raise UserError("--bow-words needs at least one word, e.g. --bow-words 축구,야구")
+        bags.append(words)
+    for spec in args.bow:
+        read_words(spec)  # a missing topic or file fails now, not after loading the model
+    pplm = {k: getattr(args, f"pplm_{k}") for k in PPLM_FLAGS if getattr(args, f"pplm_{k}") is not None}
+    PPLMConfig.from_dict(pplm)
+    if pplm and not bags:
+        raise UserError("--pplm-* options need --bow or --bow-words")
+    if not bags:
+        return {}
+    return {"bow": bags if len(bags) > 1 else bags[0], "pplm": pplm}
+
+
 def sampling_options(args: argparse.Namespace) -> dict:
     """The generation options of KoGPT.options() taken from parsed flags."""
     keys = ("max_new_tokens", "max_length", "temperature", "greedy", "top_k", "top_p", "min_p", "typical_p",

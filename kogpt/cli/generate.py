@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .common import add_model_arguments, add_sampling_arguments, check_sampling_options, load, sampling_options
+from .common import (add_model_arguments, add_sampling_arguments, add_steering_arguments, check_sampling_options,
+                     load, sampling_options, steering_options)
 
 NAME = "generate"
 HELP = "continue one or more prompts (non-interactive)"
@@ -20,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     src.add_argument("--prompt-file", type=Path, help="a UTF-8 file with one prompt per line")
     add_sampling_arguments(p)
+    add_steering_arguments(p)
     out = p.add_argument_group("output")
     out.add_argument("--num-return-sequences", type=int, default=1, help="continuations per prompt")
     out.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
@@ -46,11 +48,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     check_sampling_options(args)  # bad options fail before the model loads
+    steer = steering_options(args)
     for name in ("num_return_sequences", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     gpt = load(args)
-    opts = dict(sampling_options(args), stop=args.stop, seed=args.seed, num_return_sequences=args.num_return_sequences)
+    opts = dict(sampling_options(args), stop=args.stop, seed=args.seed, num_return_sequences=args.num_return_sequences,
+                **steer)
     if args.stream:
         for prompt in prompts:
             print(prompt, end="", flush=True)

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from ..api import KoGPT
 from ..errors import UserError
 from ..generate import decode_step
+from ..steering import TOPICS
 from .chat import ChatTemplate
 from .metrics import Metrics
 from .protocol import (APIError, ChatRequest, CompletionRequest, TokenText, envelope, invalid_body, new_id,
@@ -135,7 +136,22 @@ def create_app(gpt: KoGPT, *, max_batch_size: int = 8, max_queue: int = 64, max_
             raise APIError(400, f"at most 4 stop sequences, got {len(body.stops())}", "stop")
         if max_tokens is not None and max_tokens > limit:
             raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limit}", "max_tokens")
-        sampling, max_new, max_len = gpt.options(**body.sampling_overrides())
+        overrides = body.sampling_overrides()
+        steer = None
+        if body.bow is not None:
+            if isinstance(body.bow, str) and body.bow not in TOPICS and body.bow not in TOPICS.values():
+                raise APIError(400, f"bow must be a list of words or a bundled topic: {', '.join(TOPICS)}", "bow")
+            if isinstance(body.bow, list) and not (0 < len(body.bow) <= 500 and all(0 < len(w) <= 50 for w in body.bow)):
+                raise APIError(400, "bow must hold 1 to 500 words of 1 to 50 characters", "bow")
+            if overrides.get("top_k") is None:
+                overrides["top_k"] = 10  # upstream PPLM's default
+            try:
+                steer = gpt.steerers(body.bow, body.pplm.knobs() if body.pplm else None, len(prompts) * body.n)
+            except UserError as e:
+                raise APIError(400, str(e), "bow") from None
+        elif body.pplm is not None:
+            raise APIError(400, "pplm options need bow (a topic name or a list of words)", "pplm")
+        sampling, max_new, max_len = gpt.options(**overrides)
         specs = []
         for prompt in prompts:
             ids = gpt.encode_prompt(prompt)
@@ -152,7 +168,8 @@ def create_app(gpt: KoGPT, *, max_batch_size: int = 8, max_queue: int = 64, max_
                 budget = max_tokens
             for j in range(body.n):
                 seed = None if body.seed is None else (body.seed + j) % (1 << 64)  # torch takes 64-bit seeds
-                specs.append(SeqSpec(ids, budget, sampling, stops, seed, logprobs))
+                specs.append(SeqSpec(ids, budget, sampling, stops, seed, logprobs,
+                                     None if steer is None else steer[len(specs)]))
         return specs
 
     def submit(specs: list[SeqSpec]) -> Job:

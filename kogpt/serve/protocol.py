@@ -34,6 +34,21 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class PPLMOptions(_Strict):
+    """PPLM knobs (kogpt.steering.PPLMConfig), bounded so one request cannot hog the server."""
+
+    stepsize: float | None = Field(None, ge=0, le=1)
+    num_iterations: int | None = Field(None, ge=0, le=10)
+    kl_scale: float | None = Field(None, ge=0)
+    gm_scale: float | None = Field(None, ge=0, le=1)
+    gamma: float | None = Field(None, ge=0)
+    window_length: int | None = Field(None, ge=0)
+    grad_length: int | None = Field(None, ge=0)
+
+    def knobs(self) -> dict:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class _Common(_Strict):
     model: str | None = None  # any name is accepted; responses carry the served model's id
     max_tokens: int | None = Field(None, ge=0)
@@ -54,6 +69,9 @@ class _Common(_Strict):
     typical_p: float | None = Field(None, gt=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     no_repeat_ngram_size: int | None = Field(None, ge=0)
+    # PPLM steering: a bundled topic name or a list of words (never a server-side file), and its knobs
+    bow: str | list[str] | None = None  # checked by the handler (topic names, 1-500 words of 1-50 characters)
+    pplm: PPLMOptions | None = None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -27,6 +27,7 @@ from ..api import KoGPT, TextStream
 from ..errors import UserError
 from ..generate import Engine, Event, Request, decode_step
 from ..sampling import SamplingConfig
+from ..steering import Steerer
 from .metrics import Metrics
 
 log = logging.getLogger("kogpt.serve")
@@ -46,6 +47,7 @@ class SeqSpec:
     stop: Sequence[str] = ()
     seed: int | None = None
     logprobs: int | None = None  # report log-probabilities, with this many top alternatives
+    steer: Steerer | None = None  # PPLM steering state (one per sequence)
 
 
 @dataclass
@@ -228,7 +230,8 @@ class Scheduler:
         for i, (key, spec) in enumerate(zip(job.keys, specs)):
             stream = TextStream(self.gpt.tokenizer, spec.stop, spec.ids)  # prompt as left context
             rng = None if spec.seed is None else torch.Generator(device).manual_seed(spec.seed)
-            req = Request(spec.ids, spec.max_new_tokens, spec.sampling, self.eos, rng, stream.push, key, spec.logprobs)
+            req = Request(spec.ids, spec.max_new_tokens, spec.sampling, self.eos, rng, stream.push, key, spec.logprobs,
+                          spec.steer)
             self._seqs[key] = _Seq(job, i, spec, stream)
             self.engine.submit(req)  # prompts were checked by the handler; errors fail the job (_drain)
 

@@ -1,0 +1,186 @@
+"""PPLM bag-of-words steering: word targets, an upstream-faithful reference loop, stepsize 0, the API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kogpt.api import KoGPT
+from kogpt.checkpoint import load_model
+from kogpt.generate import generate_ids
+from kogpt.kv_cache import KVCache
+from kogpt.sampling import GREEDY
+from kogpt.steering import (TOPICS, BagOfWords, PPLMConfig, Steerer, SteeringError, make_bags, read_words,
+                            topics, word_sequences)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_targets_are_first_tokens_plus_words_in_progress():
+    bag = BagOfWords("t", ["a", "b"], [(5,), (7, 8, 9), (7, 8, 4), (11, 12)])
+    assert bag.targets([]) == {5, 7, 11}
+    assert bag.targets([1, 7]) == {5, 7, 11, 8}  # 7 started a word: 8 continues it
+    assert bag.targets([3, 7, 8]) == {5, 7, 11, 9, 4}  # both words sharing the prefix 7 8
+    assert bag.targets([8]) == {5, 7, 11}  # 8 alone is no word prefix
+    assert bag.targets([7, 8, 9]) == {5, 7, 11}  # a finished word pulls nothing more
+
+
+def test_korean_words_keep_all_their_token_forms(korean_tokenizer):
+    tok = korean_tokenizer
+    for word in ["서울", "대한민국", "자연어", "영화"]:
+        seqs = word_sequences(word, tok)
+        for s in seqs:  # every form spells the word (word start with or without the space marker)
+            assert tok.decode(list(s)).strip() == word
+        assert tuple(tok.encode(word)) in seqs
+        in_text = tok.encode("오늘 " + word + "에 갔다")
+        assert any(in_text[i:i + len(s)] == list(s) for s in seqs for i in range(len(in_text)))
+    # a word the vocabulary lacks is several tokens; upstream PPLM would drop it, here it counts
+    bag = BagOfWords.from_words(["동백꽃잎사귀"], tok)
+    assert bag.longest >= 1 and bag.next
+
+
+def test_bundled_topics_and_word_files(tmp_path, korean_tokenizer):
+    assert set(topics()) == set(TOPICS) and len(TOPICS) >= 5
+    for name, korean in TOPICS.items():
+        n1, words = read_words(name)
+        assert (n1, words) == read_words(korean) and len(words) >= 30
+        assert all(w == w.strip() and w for w in words)
+    f = tmp_path / "bow.txt"
+    f.write_text("# my topic\n축구, 야구\n\n농구\n", encoding="utf-8")
+    assert read_words(str(f)) == (str(f), ["축구", "야구", "농구"])
+    (tmp_path / "empty.txt").write_text("# nothing\n", encoding="utf-8")
+    for bad, msg in [(str(tmp_path / "missing.txt"), "neither a bundled topic"),
+                     (str(tmp_path / "empty.txt"), "has no words")]:
+        with pytest.raises(SteeringError, match=msg):
+            read_words(bad)
+    bags = make_bags(["sports", ["서울", "부산"]], korean_tokenizer)
+    assert [b.name for b in bags] == ["sports", "words"]
+    assert make_bags(["서울", "부산"], korean_tokenizer)[0].words == ["서울", "부산"]
+
+
+@pytest.mark.parametrize("bad", [{"stepsize": -1}, {"gm_scale": 1.5}, {"num_iterations": -2}, {"stepsz": 1}])
+def test_bad_knobs_are_one_line_errors(bad):
+    with pytest.raises(SteeringError):
+        PPLMConfig.from_dict(bad)
+
+
+# -- the algorithm ------------------------------------------------------------------------------
+def reference(model, prompt, n, bow_ids, cfg):
+    """Upstream run_pplm.py's loop for one prompt, greedy, written independently of kogpt.steering:
+    unsteered logits by full recompute of the unperturbed text; the past perturbed by normalized
+    gradient steps and kept; the next token from p^gm · q^(1-gm). Single-token bag words."""
+
+    class Past:  # a past that carries gradients, as upstream's list of tensors
+        def __init__(self, k, v):
+            self.k, self.v = k, v
+
+        def prepare(self, rows, T):
+            return torch.arange(self.k.size(3), self.k.size(3) + T)[None], None, False
+
+        def update(self, layer, k, v):
+            return torch.cat((self.k[layer], k), 2), torch.cat((self.v[layer], v), 2)
+
+        def advance(self):
+            pass
+
+    one_hot = torch.zeros(len(bow_ids), model.config.vocab_size)
+    one_hot[range(len(bow_ids)), bow_ids] = 1
+    ids = list(prompt)
+    cache = KVCache.for_model(model.config, 1, 64)
+    with torch.no_grad():
+        model(torch.tensor([ids[:-1]]), cache)
+    k, v = cache.k[:, :, :, :len(ids) - 1].clone(), cache.v[:, :, :, :len(ids) - 1].clone()
+    grad_norms, out = None, []
+    for _ in range(n):
+        last = torch.tensor([[ids[-1]]])
+        with torch.no_grad():
+            q = model(torch.tensor([ids]))[0, -1].softmax(-1)  # full recompute, never perturbed
+        acc_k, acc_v = torch.zeros_like(k), torch.zeros_like(v)
+        for _ in range(cfg.num_iterations):
+            pk, pv = (k + acc_k).requires_grad_(), (v + acc_v).requires_grad_()
+            probs = model(last, Past(pk, pv))[0, -1].softmax(-1)[None]  # (1, V)
+            loss = -torch.log(torch.sum(torch.mm(probs, one_hot.t())))
+            qc = q + 1e-15 * (q <= 1e-15).float()
+            pc = probs + 1e-15 * (probs <= 1e-15).float().detach()
+            loss = loss + cfg.kl_scale * (pc * (pc / qc).log()).sum()
+            loss.backward()
+            norms = torch.stack([(pk.grad[i].norm() ** 2 + pv.grad[i].norm() ** 2).sqrt() for i in range(k.size(0))])
+            grad_norms = norms + 1e-15 if grad_norms is None else torch.maximum(grad_norms, norms)
+            s = (cfg.stepsize / grad_norms ** cfg.gamma).view(-1, 1, 1, 1, 1)
+            acc_k, acc_v = acc_k - s * pk.grad, acc_v - s * pv.grad
+        with torch.no_grad():
+            pk, pv = k + acc_k, v + acc_v
+            c = KVCache.for_model(model.config, 1, 64)
+            c.k[:, :, :, :pk.size(3)], c.v[:, :, :, :pk.size(3)], c.lengths[0] = pk, pv, pk.size(3)
+            p = model(last, c)[0, -1].softmax(-1)
+            k, v = c.k[:, :, :, :pk.size(3) + 1].clone(), c.v[:, :, :, :pk.size(3) + 1].clone()
+        fused = p ** cfg.gm_scale * q ** (1 - cfg.gm_scale)
+        ids.append(int(fused.argmax()))
+        out.append(ids[-1])
+    return out
+
+
+def test_engine_steering_equals_upstream_reference(hf_dir):
+    model = load_model(hf_dir)
+    cfg = PPLMConfig(stepsize=0.5)  # large enough to change the greedy path of a random model
+    bow_ids = [17, 101, 230, 499]
+    bag = BagOfWords("t", [], [(i,) for i in bow_ids])
+    prompt = [5, 60, 70, 8, 9]
+    got = generate_ids(model, [prompt], max_new_tokens=8, sampling=GREEDY, steer=[Steerer([bag], cfg)])[0]
+    assert got == reference(model, prompt, 8, bow_ids, cfg)
+    assert got != generate_ids(model, [prompt], max_new_tokens=8, sampling=GREEDY)[0]
+
+
+class Recording(Steerer):
+    """Records, per step, the bag's probability mass with and without steering."""
+
+    def perturb(self, model, cache, row, history):
+        self.last_targets = self.targets(history)
+        super().perturb(model, cache, row, history)
+
+    def fuse(self, logits):
+        fused = super().fuse(logits)
+        t = torch.tensor(sorted(set().union(*self.last_targets)))
+        self.mass = getattr(self, "mass", []) + [(fused.softmax(-1)[t].sum().item(),
+                                                  self.unsteered.softmax(-1)[t].sum().item())]
+        return fused
+
+
+def test_steering_raises_the_bags_probability_every_step(hf_dir):
+    model = load_model(hf_dir)
+    bag = BagOfWords("t", [], [(17,), (101, 230), (499, 12, 40)])
+    steer = Recording([bag], PPLMConfig(stepsize=0.05))
+    generate_ids(model, [[5, 60, 70, 8, 9, 33]], max_new_tokens=12, sampling=GREEDY, steer=[steer])
+    assert len(steer.mass) == 12
+    assert all(s > u for s, u in steer.mass), steer.mass
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16", "int8"])
+def test_zero_stepsize_through_the_loop_changes_nothing(hf_dir, dtype):
+    """The whole steered path (shadow cache, perturbation, fusion) with stepsize 0 gives the unsteered
+    greedy tokens; gradients flow through packed bf16 and int8 layers too."""
+    from kogpt.api import load_inference_model
+
+    model = load_inference_model(hf_dir, dtype)
+    bag = BagOfWords("t", [], [(17,), (101, 230)])
+    ps = [[5, 60, 70, 8, 9], [44]]
+    plain = generate_ids(model, ps, max_new_tokens=10, sampling=GREEDY)
+    steered = generate_ids(model, ps, max_new_tokens=10, sampling=GREEDY,
+                           steer=[Steerer([bag], PPLMConfig(stepsize=0.0)), None])
+    assert steered == plain
+    moved = generate_ids(model, ps[:1], max_new_tokens=10, sampling=GREEDY,
+                         steer=[Steerer([bag], PPLMConfig(stepsize=2.0))])
+    assert moved != plain[:1]  # and a real step does move it (the gradient path works in this dtype)
+
+
+def test_api_stepsize_zero_reproduces_unsteered_sampling_exactly(model_dir):
+    gpt = KoGPT.from_pretrained(model_dir)
+    kw = dict(max_new_tokens=16, do_sample=True, temperature=1.0, seed=7, num_return_sequences=3)
+    plain = gpt.generate("서울은", top_k=10, **kw)
+    assert gpt.generate("서울은", bow=["서울", "한국"], pplm={"stepsize": 0}, **kw) == plain
+    steered = gpt.generate("서울은", bow=["서울", "한국"], pplm={"stepsize": 0.5}, **kw)
+    assert steered != plain and len(steered) == 3
+    with pytest.raises(SteeringError, match="unknown pplm option"):
+        gpt.generate("서울은", bow="sports", pplm={"step": 1})
+    with pytest.raises(SteeringError, match="neither a bundled topic"):
+        gpt.generate("서울은", bow="no-such-topic")
