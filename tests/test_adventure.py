@@ -334,6 +334,9 @@ def test_load_flag_resumes_and_a_bad_save_fails_before_loading(model_dir, tmp_pa
     r = subprocess.run([sys.executable, "-m", "kogpt", "adventure", "--model", str(model_dir), "--load", str(bad)],
                        capture_output=True, text=True, timeout=90)
     assert r.returncode == 2 and "not valid JSON" in r.stderr and "loading" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "kogpt", "adventure", "--model", str(model_dir), "--genre", "nosuch"],
+                       capture_output=True, text=True, timeout=90)
+    assert r.returncode == 2 and "neither a bundled topic" in r.stderr and "loading" not in r.stderr
     child = spawn("--model", model_dir, "--load", good)
     child.expect_exact("(1 turn, genre off, saved with model x)")
     child.expect_exact("> 문을 연다")
@@ -345,25 +348,8 @@ def test_load_flag_resumes_and_a_bad_save_fails_before_loading(model_dir, tmp_pa
     child.expect(pexpect.EOF)
 
 
-def bow_accepted(model_dir) -> bool:
-    """Whether KoGPT generation takes bow= yet (PPLM steering is being added alongside)."""
-    from kogpt.api import KoGPT
-
-    try:
-        next(iter(KoGPT.from_pretrained(model_dir).iter_completions(["안녕"], max_new_tokens=1, bow="fantasy")))
-    except TypeError:
-        return False
-    except UserError as e:
-        if "unknown generation option" in str(e):
-            return False
-        raise
-    return True
-
-
 @pytest.mark.parametrize("family", ["gpt2"])
 def test_genre_steers_and_is_saved(model_dir, tmp_path):
-    if not bow_accepted(model_dir):
-        pytest.skip("KoGPT generation does not take bow= yet")
     child = spawn("--model", model_dir, "--seed", 1, "--max-new-tokens", 8, "--genre", "fantasy",
                   "--opening", "어두운 숲에 들어섰다.")
     prompt(child)
@@ -373,6 +359,10 @@ def test_genre_steers_and_is_saved(model_dir, tmp_path):
     prompt(child)
     g = saved(tmp_path / "g.json")
     assert g["settings"]["genre"] == "fantasy" and [t["action"] for t in g["turns"]] == ["검을 뽑는다"]
+    child.sendline("/genre nosuch")
+    child.expect_exact("neither a bundled topic")
+    child.sendline("/genre 공포")
+    child.expect_exact("genre: 공포")
     child.sendline("/genre off")
     child.expect_exact("genre: off")
     child.sendline("/quit")

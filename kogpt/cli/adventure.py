@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--opening", help="the story's opening text (skips the menu of openings)")
     g.add_argument("--load", metavar="FILE", help="continue a story saved with /save")
     g.add_argument("--genre", help="steer the story toward a topic with PPLM bag-of-words: a bundled topic "
-                                   "(fantasy, horror, mystery, space, ...), a word-list file or a word")
+                                   "(fantasy 판타지, horror 공포, mystery 추리, space 우주, ...) or a word-list file")
     add_sampling_arguments(p)
     p.epilog = ("The story is sampled with temperature 0.8, top-p 0.9, repetition penalty 1.2, no-repeat-ngram 3 "
                 "and 80 new tokens a turn unless the decoding flags say otherwise; --seed replays a session.")
@@ -50,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("pass --opening or --load, not both")
     if args.load:
         load_story(args.load)  # a bad save file fails before the model loads
+    if args.genre:
+        from ..steering import read_words
+
+        read_words(args.genre)  # an unknown topic or missing file too
     gpt = load(args)
     game = Adventure(gpt, Story(""), sampling_options(args), seed=args.seed, genre=args.genre, stop=tuple(args.stop))
     if game.options["max_new_tokens"] >= gpt.model.config.n_positions:
@@ -135,8 +139,16 @@ def command(game, line: str):
         else:
             _load(game, os.path.expanduser(arg))
     elif name == "/genre":
-        if arg:
-            game.genre = None if arg.lower() in ("off", "none") else arg
+        if arg.lower() in ("off", "none"):
+            game.genre = None
+        elif arg:
+            from ..steering import read_words
+
+            try:
+                read_words(arg)
+                game.genre = arg
+            except UserError as e:
+                print(f"  {e}", flush=True)
         print(f"  genre: {game.genre or 'off'}", flush=True)
     elif name == "/story":
         print(f"\n{game.story.text()}\n", flush=True)
