@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -173,9 +173,24 @@ def read_weights(folder: Path, raw: dict, convert, dtype: torch.dtype | None = N
             raise CheckpointError(f"{folder}: {e}") from None
 
 
+@contextmanager
+def _no_init():
+    """Skip torch.nn.init while building a model whose weights are about to be replaced: on the meta
+    device the init functions cost nothing but the first call imports torch's reference ops (~1.5 s)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda t, *a, **k: t)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
 def build_model(config: GPTConfig, state_dict: dict[str, torch.Tensor], device="cpu") -> GPT:
     """A GPT holding exactly these tensors (no random init, no extra copy)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = GPT(config)
     assign_weights(model, state_dict)
     model.tie_weights()

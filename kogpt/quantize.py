@@ -31,9 +31,12 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> "Int8Linear":
-        w = linear.weight.detach().float()
-        scales = (w.abs().amax(1) / 127).clamp(min=1e-12)  # (out,)
-        q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        w = linear.weight.detach()
+        scales = (w.abs().amax(1).float() / 127).clamp(min=1e-12)  # (out,)
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        for i in range(0, w.size(0), 4096):  # fp32 work in row blocks: no full fp32 copy of a big matrix
+            rows = slice(i, i + 4096)
+            q[rows] = w[rows].to(torch.float32, copy=True).div_(scales[rows, None]).round_().clamp_(-127, 127)
         return cls(q, scales, None if linear.bias is None else linear.bias.detach(), compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -184,3 +184,25 @@ def test_api_stepsize_zero_reproduces_unsteered_sampling_exactly(model_dir):
         gpt.generate("서울은", bow="sports", pplm={"step": 1})
     with pytest.raises(SteeringError, match="neither a bundled topic"):
         gpt.generate("서울은", bow="no-such-topic")
+
+
+@pytest.mark.parametrize("family", ["gpt2"])
+def test_cli_generate_steers_and_checks_flags_before_loading(model_dir):
+    import json
+    import subprocess
+    import sys
+
+    def run(*flags):
+        return subprocess.run([sys.executable, "-m", "kogpt", "generate", "--model", str(model_dir), "--prompt",
+                               "서울은", "--max-new-tokens", "8", "--temperature", "1", "--seed", "3", "--json", *flags],
+                              capture_output=True, text=True, timeout=120)
+
+    plain, off = run("--top-k", "10"), run("--bow-words", "서울,한국", "--pplm-stepsize", "0")
+    steered = run("--bow-words", "서울,한국", "--bow", "sports", "--pplm-stepsize", "0.5")
+    assert plain.returncode == off.returncode == steered.returncode == 0, steered.stderr
+    assert json.loads(off.stdout)["completion"] == json.loads(plain.stdout)["completion"]
+    assert json.loads(steered.stdout)["completion_token_ids"] != json.loads(plain.stdout)["completion_token_ids"]
+    for flags, msg in [(("--bow", "nosuch"), "neither a bundled topic"), (("--pplm-gamma", "1"), "need --bow"),
+                       (("--bow", "sports", "--pplm-gm-scale", "2"), "gm_scale must be in [0, 1]")]:
+        r = run(*flags)
+        assert r.returncode == 2 and msg in r.stderr and "loading" not in r.stderr and "Traceback" not in r.stderr
