@@ -20,18 +20,18 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, load_model, read_json, resolve, save_model, write_json
+from .checkpoint import CheckpointError, load_model, read_json, resolve, save_model, unfragmented, write_json
 from .convert import generation_from_hf, generation_to_hf
 from .errors import UserError
 from .generate import generate
 from .model import GPT
 from .packing import pack_linears
-from .quantize import quantize_int8
+from .quantize import fbgemm_available, quantize_int8
 from .sampling import SamplingConfig
 from .steering import PPLMConfig, Steerer, make_bags
 from .tokenizer import StreamDecoder, Tokenizer
 
-DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "int8")
+DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "int8", "int8-dynamic")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingConfig)}
@@ -40,13 +40,14 @@ _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingConfig)}
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     """torch dtype for 'fp32'/'bf16'/'fp16' (or their long names); None or 'auto' = the checkpoint's.
 
-    'int8' is not a dtype of its own: from_pretrained loads bf16 and quantizes the linear layers.
+    'int8' is not a dtype of its own: from_pretrained loads bf16 and quantizes the linear layers
+    (weight-only; 'int8-dynamic' also quantizes each layer's input, see kogpt.quantize).
     """
     if name is None or isinstance(name, torch.dtype):
         return name
     if name == "auto":
         return None
-    if name == "int8":
+    if name in ("int8", "int8-dynamic"):
         return torch.bfloat16
     try:
         return DTYPES[name]
@@ -56,8 +57,16 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 def load_inference_model(folder: str | os.PathLike, dtype: str | torch.dtype | None = None,
                          device: str | torch.device = "cpu") -> GPT:
-    """load_model in the fastest inference layout: int8 weights for "int8", oneDNN-packed bf16/fp16 on CPU."""
-    model = load_model(folder, parse_dtype(dtype), device)
+    """load_model in the fastest inference layout for `dtype` (see inference_layout)."""
+    with unfragmented():  # the layer swaps below free and allocate big blocks too
+        return inference_layout(load_model(folder, parse_dtype(dtype), device), dtype)
+
+
+def inference_layout(model: torch.nn.Module, dtype: str | torch.dtype | None) -> torch.nn.Module:
+    """int8 weights for "int8" (weight-only) and "int8-dynamic" (fbgemm, int8 inputs too); otherwise
+    oneDNN-packed linears for bf16/fp16 on CPU, and the model unchanged for fp32."""
+    if dtype == "int8-dynamic":
+        return quantize_int8(model, kernel="fbgemm" if fbgemm_available() else "auto")
     return quantize_int8(model) if dtype == "int8" else pack_linears(model)
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 PROMPT, NEW, LONG = 32, 128, 512
-_PEER_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+_PEER_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32,
+               "int8-dynamic": torch.float32}
 
 
 def make_random_checkpoint(folder: Path, preset: str, dtype: str = "fp32", seed: int = 0) -> Path:
@@ -82,7 +83,7 @@ def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True)
     ids1, ids8 = torch.randint(5, vocab, (1, PROMPT), generator=g), torch.randint(5, vocab, (8, PROMPT), generator=g)
     long = torch.randint(5, vocab, (1, min(LONG, ctx - 1)), generator=g)
     engines = {"kogpt": (_kogpt(folder, dtype), _kogpt_generate)}
-    if peer and dtype != "int8":
+    if peer and not dtype.startswith("int8"):
         engines["transformers"] = (_hf(folder, dtype), _hf_generate)
     for model, gen in engines.values():  # warm-up: first calls allocate and pick kernels
         gen(model, ids1, 4)
@@ -138,7 +139,7 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
         row = {"dtype": dtype, **{f"kogpt_{k}": v for k, v in speed["kogpt"].items()}}
         log(f"[{dtype}] load time and peak RSS ...")
         row.update({f"kogpt_{k}": v for k, v in measure_load(folder, dtype, "kogpt").items()})
-        peer_dtype = "fp32" if dtype == "int8" else dtype  # int8 is compared with transformers fp32
+        peer_dtype = "fp32" if dtype.startswith("int8") else dtype  # int8 is compared with transformers fp32
         if peer:
             if peer_dtype not in peer_speed:
                 peer_speed[peer_dtype] = measure_speed(folder, peer_dtype, repeats)["transformers"]

@@ -8,24 +8,37 @@ import torch.nn as nn
 
 from kogpt.api import KoGPT
 from kogpt.checkpoint import CheckpointError, load_model, save_model
-from kogpt.quantize import Int8Linear, quantize_int8
+from kogpt.quantize import Int8Linear, fbgemm_available, quantize_int8
+
+KERNELS = ["int8pack", pytest.param("fbgemm", marks=pytest.mark.skipif(not fbgemm_available(), reason="no fbgemm"))]
 
 
-def test_int8_linear_equals_dequantized_weights():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_linear_equals_dequantized_weights(kernel):
     torch.manual_seed(0)
     lin = nn.Linear(48, 80)
-    q = Int8Linear.from_linear(lin, compute_dtype=torch.float32)
-    w = q.qweight.float() * q.scales[:, None]
+    q = Int8Linear.from_linear(lin, compute_dtype=torch.float32, kernel=kernel)
+    w = q.qweight.float() * q.scales[:, None]  # fbgemm: unpacked from its own layout
     assert q.qweight.dtype == torch.int8 and q.qweight.abs().max() <= 127
     assert (w - lin.weight).abs().max() <= q.scales.max() / 2 + 1e-6  # rounding error at most half a step
-    x = torch.randn(5, 7, 48)
-    torch.testing.assert_close(q(x), x @ w.T + lin.bias, atol=1e-5, rtol=1e-5)
+    assert torch.equal(q.qweight, Int8Linear.from_linear(lin, torch.float32, "int8pack").qweight)
+    for rows in (1, 5 * 7, 300):  # decode, a small batch, a prompt
+        x = torch.randn(rows, 48)
+        y, ref = q(x), x @ w.T + lin.bias
+        if kernel == "int8pack":  # the weights are exactly the dequantized ones
+            torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        else:  # fbgemm also quantizes each input row to int8: ~1% relative error
+            assert ((y - ref).norm() / ref.norm()).item() < 0.03
+    x = torch.randn(3, 48, requires_grad=True)  # PPLM: gradients w.r.t. the input flow through
+    (g,) = torch.autograd.grad(q(x).sum(), x)
+    torch.testing.assert_close(g, w.sum(0).expand(3, 48), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @torch.no_grad()
-def test_quantized_model_tracks_the_float_model(hf_dir):
+def test_quantized_model_tracks_the_float_model(hf_dir, kernel):
     ref = load_model(hf_dir)
-    q = quantize_int8(load_model(hf_dir))
+    q = quantize_int8(load_model(hf_dir), kernel=kernel)
     assert sum(isinstance(m, Int8Linear) for m in q.modules()) == 4 * ref.config.n_layer + 1
     ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
     a, b = ref(ids), q(ids).float()
@@ -34,9 +47,12 @@ def test_quantized_model_tracks_the_float_model(hf_dir):
     assert ((a - b).norm() / a.norm()).item() < 0.05
 
 
-def test_dtype_int8_through_the_api(model_dir, tmp_path):
-    gpt = KoGPT.from_pretrained(model_dir, dtype="int8")
+@pytest.mark.parametrize("dtype,kernel", [("int8", "int8pack"), pytest.param(
+    "int8-dynamic", "fbgemm", marks=pytest.mark.skipif(not fbgemm_available(), reason="no fbgemm"))])
+def test_dtype_int8_through_the_api(model_dir, tmp_path, dtype, kernel):
+    gpt = KoGPT.from_pretrained(model_dir, dtype=dtype)
     assert isinstance(gpt.model.lm_head, Int8Linear) and gpt.model.wte.weight.dtype == torch.bfloat16
+    assert {m.kernel for m in gpt.model.modules() if isinstance(m, Int8Linear)} == {kernel}
     ref = KoGPT.from_pretrained(model_dir, dtype="fp32")
     [q], [f] = (g.complete(["안녕하세요"], greedy=True, max_new_tokens=8) for g in (gpt, ref))
     assert q.token_ids[:2] == f.token_ids[:2]  # the first greedy steps agree with the float model

@@ -17,8 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="model folder to benchmark (default: random weights of --preset's shape)")
     p.add_argument("--preset", default="kogpt2-base-v2", help="shape for random weights (default: kogpt2-base-v2)")
-    p.add_argument("--dtype", action="append", choices=["fp32", "bf16", "fp16", "int8"], default=None,
-                   help="dtypes to measure (repeatable; default: fp32, bf16, int8)")
+    p.add_argument("--dtype", action="append", choices=["fp32", "bf16", "fp16", "int8", "int8-dynamic"], default=None,
+                   help="dtypes to measure (repeatable; default: fp32, bf16, int8, int8-dynamic)")
     p.add_argument("--repeats", type=int, default=3, help="repetitions per measure; the median is reported")
     p.add_argument("--no-peer", action="store_true", help="skip transformers (kogpt numbers only)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{folder} is not a model folder (no config.json)")
     else:
         load_config(folder)  # a malformed config.json fails here, in one line
-    rows = bench.run_bench(folder, args.dtype or ["fp32", "bf16", "int8"], args.repeats, not args.no_peer)
+    rows = bench.run_bench(folder, args.dtype or ["fp32", "bf16", "int8", "int8-dynamic"], args.repeats, not args.no_peer)
     print(bench.format_table(rows))
     if args.json:
         args.json.write_text(json.dumps({"model": str(folder), "rows": rows}, indent=2) + "\n")

@@ -8,7 +8,7 @@ import sys
 
 from ..errors import UserError
 
-DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "int8")  # as kogpt.api.DTYPE_NAMES (not imported: keeps --help fast)
+DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "int8", "int8-dynamic")  # as kogpt.api.DTYPE_NAMES (not imported: keeps --help fast)
 
 
 
@@ -28,7 +28,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit), e.g. KoGPT6B-ryan1.5b-float16")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     g.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
-                   help="weights dtype (default: the checkpoint's); int8 = int8 weights with bf16 activations")
+                   help="weights dtype (default: the checkpoint's); int8 = int8 weights with bf16 activations; "
+                        "int8-dynamic = int8 weights and inputs (fbgemm: fastest CPU decode, twice int8's memory)")
     g.add_argument("-d", "--debug", action="store_true", help="show token ids, timings and full tracebacks")
 
 
@@ -139,17 +140,15 @@ def classifier_folder(args: argparse.Namespace):
 
 def load_classifier(args: argparse.Namespace, folder):
     """(Classifier, Head, Tokenizer) of a classifier folder for --device/--dtype, with status lines on stderr."""
-    from ..api import default_device, parse_dtype
+    from ..api import default_device, inference_layout, parse_dtype
     from ..checkpoint import CheckpointError
     from ..classifier import load_classifier as load_folder
-    from ..packing import pack_linears
-    from ..quantize import quantize_int8
     from ..tokenizer import Tokenizer
 
     _check_device(args)
     print(f"loading {args.model} (finetuned classifier) ...", file=sys.stderr, flush=True)
     model, head = load_folder(folder, parse_dtype(args.dtype), args.device or default_device())
-    model = quantize_int8(model) if args.dtype == "int8" else pack_linears(model)
+    model = inference_layout(model, args.dtype)
     try:
         tok = Tokenizer.from_dir(folder)
     except (OSError, ValueError) as e:
