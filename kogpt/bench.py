@@ -5,6 +5,10 @@ time to first token of a 512-token prompt, and load time and peak RSS (each load
 subprocess). kogpt and transformers alternate within every repetition and the median is reported,
 so machine noise hits both alike; ratios are kogpt / transformers (time ratios: lower is better).
 
+Batch-1 decode reads every weight once per token, so it is bounded by memory bandwidth: the table's
+roofline column is the machine's measured read bandwidth (measure_bandwidth) divided by the weight
+bytes a decode step reads, and the share of it each engine reaches.
+
     rows = run_bench(folder, dtypes=["fp32", "bf16", "int8"]); print(format_table(rows))
 """
 
@@ -40,6 +44,33 @@ def make_random_checkpoint(folder: Path, preset: str, dtype: str = "fp32", seed:
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=_PEER_DTYPE[dtype])
     model.save_pretrained(folder)
     return folder
+
+
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int8-dynamic": 1}
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
+    """Memory read bandwidth in GB/s with the current torch threads: the best of a sum and an fp32
+    GEMV over `gib` GiB (far larger than any cache), best of `repeats`."""
+    n = int(gib * (1 << 30)) // 4
+    a = torch.ones(n)
+    w, x = a.view(-1, 1024), torch.ones(1024)
+    best = 0.0
+    for f in (a.sum, lambda: w @ x):
+        f()
+        for _ in range(repeats):
+            best = max(best, n * 4 / _time(f) / 1e9)
+    return best
+
+
+def decode_bytes(folder: Path, dtype: str) -> int:
+    """Weight bytes one batch-1 decode step reads: every linear layer and the output head (one
+    embedding row per token is negligible)."""
+    from .checkpoint import load_config
+
+    c = load_config(folder)
+    per_layer = 4 * c.n_embd * c.n_embd + 2 * c.n_embd * c.mlp_dim  # qkv, proj, fc, mlp proj
+    return (c.n_layer * per_layer + c.vocab_size * c.n_embd) * _BYTES[dtype]
 
 
 def _kogpt(folder: Path, dtype: str):
@@ -131,12 +162,15 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
               log=print) -> list[dict]:
     """One row per dtype with kogpt and transformers numbers and their ratios."""
     rows, peer_speed = [], {}
+    log("memory bandwidth ...")
+    bandwidth = measure_bandwidth()
     for dtype in dtypes:
         log(f"[{dtype}] decode speed ...")
         speed = measure_speed(folder, dtype, repeats, peer)
         if "transformers" in speed:
             peer_speed[dtype] = speed["transformers"]
-        row = {"dtype": dtype, **{f"kogpt_{k}": v for k, v in speed["kogpt"].items()}}
+        row = {"dtype": dtype, **{f"kogpt_{k}": v for k, v in speed["kogpt"].items()},
+               "bandwidth_gbs": bandwidth, "roofline_b1": bandwidth * 1e9 / decode_bytes(folder, dtype)}
         log(f"[{dtype}] load time and peak RSS ...")
         row.update({f"kogpt_{k}": v for k, v in measure_load(folder, dtype, "kogpt").items()})
         peer_dtype = "fp32" if dtype.startswith("int8") else dtype  # int8 is compared with transformers fp32
@@ -156,8 +190,8 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table: one line per dtype, kogpt / transformers and the ratio for each measure."""
-    head = ("| dtype | decode b1 tok/s (× hf) | decode b8 tok/s (× hf) | TTFT 512 s (× hf) | load s (× hf) "
-            "| peak RSS / weights |\n|---|---|---|---|---|---|")
+    head = ("| dtype | decode b1 tok/s (× hf) | roofline b1 tok/s: kogpt, hf | decode b8 tok/s (× hf) "
+            "| TTFT 512 s (× hf) | load s (× hf) | peak RSS / weights |\n|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         def cell(k, fmt):
@@ -166,6 +200,12 @@ def format_table(rows: list[dict]) -> str:
             return f"{r[f'kogpt_{k}']:{fmt}} / {r[f'hf_{k}']:{fmt}} ({r[f'ratio_{k}']:.2f}×)"
         peer = f" vs hf {r['peer_dtype']}" if r.get("peer_dtype", r["dtype"]) != r["dtype"] else ""
         rss = r["kogpt_peak_rss_mb"] / max(r["kogpt_weights_mb"], 1e-9)
-        lines.append(f"| {r['dtype']}{peer} | {cell('b1', '.1f')} | {cell('b8', '.1f')} | {cell('ttft', '.3f')} "
+        roof = f"{r['roofline_b1']:.0f}: {r['kogpt_b1'] / r['roofline_b1']:.0%}"
+        if "hf_b1" in r:
+            roof += f", {r['hf_b1'] / (r['roofline_b1'] * _BYTES[r['dtype']] / _BYTES[r.get('peer_dtype', r['dtype'])]):.0%}"
+        lines.append(f"| {r['dtype']}{peer} | {cell('b1', '.1f')} | {roof} | {cell('b8', '.1f')} | {cell('ttft', '.3f')} "
                      f"| {cell('load_s', '.2f')} | {rss:.2f} |")
+    if rows:
+        lines.append(f"\nroofline: {rows[0]['bandwidth_gbs']:.1f} GB/s measured read bandwidth / weight bytes per "
+                     "decode step (hf: of its own dtype's roofline)")
     return "\n".join(lines)

@@ -26,7 +26,21 @@ def test_bench_reports_kogpt_and_transformers(tmp_path):
         for k in ("b1", "b8", "ttft", "load_s"):
             assert row[f"kogpt_{k}"] > 0 and row[f"hf_{k}"] > 0 and row[f"ratio_{k}"] > 0
     assert rows[1]["peer_dtype"] == "fp32"
-    assert "| fp32 |" in r.stdout and "| int8 vs hf fp32 |" in r.stdout
+    assert rows[0]["bandwidth_gbs"] > 0 and rows[0]["roofline_b1"] * 4 == pytest.approx(rows[1]["roofline_b1"])
+    assert "| fp32 |" in r.stdout and "| int8 vs hf fp32 |" in r.stdout and "GB/s measured read bandwidth" in r.stdout
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-gptj"])
+def test_decode_bytes_counts_every_linear_weight_once(tmp_path, preset):
+    import torch
+
+    from kogpt.bench import decode_bytes, make_random_checkpoint
+    from kogpt.checkpoint import load_model
+
+    model = load_model(make_random_checkpoint(tmp_path / preset, preset))
+    weights = {m.weight.data_ptr(): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert decode_bytes(tmp_path / preset, "fp32") == 4 * sum(w.numel() for w in weights.values())
+    assert decode_bytes(tmp_path / preset, "int8") == sum(w.numel() for w in weights.values())
 
 
 def test_bench_rejects_a_folder_without_config(tmp_path):
