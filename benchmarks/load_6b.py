@@ -22,11 +22,15 @@ from kogpt.config import GPTConfig
 from kogpt.convert import config_to_hf, name_map
 
 _MEASURE = """
-import json, resource, sys, time
+import json, sys, time
 import torch
 from pathlib import Path
+def status(key):  # kB from /proc (ru_maxrss is inherited from the parent across fork + exec)
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
 which, folder, new = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = status("VmRSS:")
 t = time.perf_counter()
 if which == "kogpt":
     from kogpt.api import load_inference_model
@@ -41,13 +45,13 @@ else:
             model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                            min_new_tokens=n, pad_token_id=0)
 load = time.perf_counter() - t
-load_peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20
+load_peak = (status("VmHWM:") - base) / 2**20
 ids = torch.randint(5, 60000, (1, 32))
 run(ids, 2)  # transformers maps the files lazily: its pages come in on first use
 t = time.perf_counter()
 run(ids, new)
 tok_s = new / (time.perf_counter() - t)
-peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 2**20
+peak = (status("VmHWM:") - base) / 2**20
 print(json.dumps({"load_s": load, "load_peak_rss_gb": load_peak, "peak_rss_gb": peak, "tok_s": tok_s}))
 """
 
