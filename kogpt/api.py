@@ -26,7 +26,7 @@ from .errors import UserError
 from .generate import generate
 from .model import GPT
 from .packing import pack_linears
-from .quantize import fbgemm_available, quantize_int8
+from .quantize import fbgemm_available, load_int8, quantize_int8
 from .sampling import SamplingConfig
 from .steering import PPLMConfig, Steerer, make_bags
 from .tokenizer import StreamDecoder, Tokenizer
@@ -58,16 +58,22 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 def load_inference_model(folder: str | os.PathLike, dtype: str | torch.dtype | None = None,
                          device: str | torch.device = "cpu") -> GPT:
     """load_model in the fastest inference layout for `dtype` (see inference_layout)."""
+    if dtype in ("int8", "int8-dynamic"):  # quantized while reading: no float copy of the model
+        return load_int8(folder, device, _int8_kernel(dtype))
     with unfragmented():  # the layer swaps below free and allocate big blocks too
         return inference_layout(load_model(folder, parse_dtype(dtype), device), dtype)
+
+
+def _int8_kernel(dtype: str) -> str:
+    return "fbgemm" if dtype == "int8-dynamic" and fbgemm_available() else "auto"
 
 
 def inference_layout(model: torch.nn.Module, dtype: str | torch.dtype | None) -> torch.nn.Module:
     """int8 weights for "int8" (weight-only) and "int8-dynamic" (fbgemm, int8 inputs too); otherwise
     oneDNN-packed linears for bf16/fp16 on CPU, and the model unchanged for fp32."""
-    if dtype == "int8-dynamic":
-        return quantize_int8(model, kernel="fbgemm" if fbgemm_available() else "auto")
-    return quantize_int8(model) if dtype == "int8" else pack_linears(model)
+    if dtype in ("int8", "int8-dynamic"):
+        return quantize_int8(model, kernel=_int8_kernel(dtype))
+    return pack_linears(model)
 
 
 def default_device() -> str:

@@ -217,10 +217,15 @@ def _no_init():
             setattr(torch.nn.init, n, f)
 
 
+def meta_model(config: GPTConfig) -> GPT:
+    """A GPT on the meta device (no memory, no random init), for weights assigned afterwards."""
+    with torch.device("meta"), _no_init():
+        return GPT(config)
+
+
 def build_model(config: GPTConfig, state_dict: dict[str, torch.Tensor], device="cpu") -> GPT:
     """A GPT holding exactly these tensors (no random init, no extra copy)."""
-    with torch.device("meta"), _no_init():
-        model = GPT(config)
+    model = meta_model(config)
     assign_weights(model, state_dict)
     model.tie_weights()
     return model.to(device).eval()

@@ -146,15 +146,17 @@ def canonical_hf_names(names: Iterable[str]) -> dict[str, str]:
 
 
 def state_dict_from_hf(get: Callable[[str], torch.Tensor], names: Iterable[str], cfg: GPTConfig,
-                       dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                       dtype: torch.dtype | None = None, finish: Callable | None = None) -> dict[str, torch.Tensor]:
     """kogpt state dict from HF tensors, fetched one at a time with `get(name)` and cast to dtype.
 
-    Raises ConversionError naming the first missing tensor.
+    finish(name, tensor) -> tensor or None, if given, sees each kogpt tensor as soon as it exists
+    (e.g. to quantize it); None leaves it out of the result. Raises ConversionError naming the first
+    missing tensor.
     """
-    return _from_hf(get, names, name_map(cfg), dtype)
+    return _from_hf(get, names, name_map(cfg), dtype, finish)
 
 
-def _from_hf(get, names, mapping: dict[str, tuple[list[str], bool]], dtype) -> dict[str, torch.Tensor]:
+def _from_hf(get, names, mapping: dict[str, tuple[list[str], bool]], dtype, finish=None) -> dict[str, torch.Tensor]:
     available = canonical_hf_names(names)
     out = {}
     for ours, (theirs, transpose) in mapping.items():
@@ -165,7 +167,12 @@ def _from_hf(get, names, mapping: dict[str, tuple[list[str], bool]], dtype) -> d
             x = get(available[t])
             x = x.to(dtype) if dtype is not None else x
             parts.append(x.t() if transpose else x)
-        out[ours] = (torch.cat(parts, 0) if len(parts) > 1 else parts[0]).contiguous()
+        t = (torch.cat(parts, 0) if len(parts) > 1 else parts[0]).contiguous()
+        del parts
+        if finish is not None:
+            t = finish(ours, t)
+        if t is not None:
+            out[ours] = t
     return out
 
 

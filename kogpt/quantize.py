@@ -22,12 +22,17 @@ Other devices, and inputs that need gradients (PPLM steering), use the dequantiz
 from __future__ import annotations
 
 import functools
+import os
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import CONFIG_FILE, assign_weights, load_config, meta_model, read_json, read_weights, unfragmented
+from .convert import state_dict_from_hf
+from .model import GPT
 from .packing import swap_linears
 
 _HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
@@ -88,12 +93,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16,
                     kernel: str = "auto") -> "Int8Linear":
-        w = linear.weight.detach()
-        scales = (w.abs().amax(1).float() / 127).clamp(min=1e-12)  # (out,)
-        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-        for i in range(0, w.size(0), 4096):  # fp32 work in row blocks: no full fp32 copy of a big matrix
-            rows = slice(i, i + 4096)
-            q[rows] = w[rows].to(torch.float32, copy=True).div_(scales[rows, None]).round_().clamp_(-127, 127)
+        q, scales = quantize_weight(linear.weight.detach())
         return cls(q, scales, None if linear.bias is None else linear.bias.detach(), compute_dtype, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +120,48 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 ({self.kernel}) "
                 f"x {self.compute_dtype}")
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (out, in), scales fp32 (out,)) with w ≈ q · scales[:, None], from any float dtype."""
+    scales = (w.abs().amax(1).float() / 127).clamp(min=1e-12)  # (out,)
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for i in range(0, w.size(0), 4096):  # fp32 work in row blocks: no full fp32 copy of a big matrix
+        rows = slice(i, i + 4096)
+        q[rows] = w[rows].to(torch.float32, copy=True).div_(scales[rows, None]).round_().clamp_(-127, 127)
+    return q, scales
+
+
+def load_int8(folder: str | os.PathLike, device: str | torch.device = "cpu", kernel: str = "auto",
+              compute_dtype: torch.dtype = torch.bfloat16) -> GPT:
+    """A GPT with int8 linear layers from an HF-format folder, each weight read in compute_dtype (through
+    a small buffer) and quantized at once: the float model never exists whole, so the peak memory is
+    the int8 model plus one compute_dtype tensor."""
+    folder = Path(folder)
+    raw = read_json(folder / CONFIG_FILE)
+    config = load_config(folder, raw)
+    model = meta_model(config)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def finish(name: str, t: torch.Tensor) -> torch.Tensor | None:
+        module = name.removesuffix(".weight")
+        if module in linears:
+            quantized[module] = quantize_weight(t)
+            return None
+        if name == "wte.weight" and config.tie_word_embeddings:  # the tied head gets its own int8 copy
+            quantized["lm_head"] = quantize_weight(t)
+        return t
+
+    with unfragmented():
+        sd = read_weights(folder, raw, lambda get, names, dt: state_dict_from_hf(get, names, config, dt, finish),
+                          compute_dtype)
+        for module, (q, scales) in quantized.items():
+            parent, _, attr = module.rpartition(".")
+            layer = Int8Linear(q, scales, sd.pop(module + ".bias", None), compute_dtype, kernel)
+            setattr(model.get_submodule(parent) if parent else model, attr, layer)
+        assign_weights(model, sd)
+    return model.to(device).eval()
 
 
 def quantize_int8(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto") -> nn.Module:

@@ -58,3 +58,18 @@ def test_dtype_int8_through_the_api(model_dir, tmp_path, dtype, kernel):
     assert q.token_ids[:2] == f.token_ids[:2]  # the first greedy steps agree with the float model
     with pytest.raises(CheckpointError, match="int8"):
         save_model(gpt.model, tmp_path)
+
+
+@torch.no_grad()
+def test_quantizing_while_reading_equals_quantizing_the_loaded_model(hf_dir):
+    """load_int8 never builds the float model, yet gives exactly the model quantize_int8 makes from it."""
+    from kogpt.quantize import load_int8
+
+    streamed = load_int8(hf_dir)
+    whole = quantize_int8(load_model(hf_dir, torch.bfloat16))
+    assert {n for n, m in streamed.named_modules() if isinstance(m, Int8Linear)} == \
+        {n for n, m in whole.named_modules() if isinstance(m, Int8Linear)}
+    for (n, a), (m, b) in zip(sorted(streamed.state_dict().items()), sorted(whole.state_dict().items())):
+        assert n == m and a.dtype == b.dtype and torch.equal(a, b), n
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(streamed(ids), whole(ids))
