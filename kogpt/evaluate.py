@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .data import read_documents as document_units
-from .data import scan
+from .corpus import read_documents as document_units
+from .corpus import scan
 from .errors import UserError
 from .kv_cache import KVCache
 from .model import GPT

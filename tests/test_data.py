@@ -15,8 +15,9 @@ import pytest
 
 from kogpt.cli import main
 from kogpt.cli.prepare import parse_weights
-from kogpt.data import (BatchSampler, DataError, Deduper, chars_per_token, find_sources, load_tokens, prepare,
-                        read_documents, read_meta, scan, split_documents, token_dtype, write_training_text)
+from kogpt.corpus import (DataError, Deduper, chars_per_token, find_sources, read_documents, scan, split_documents,
+                          write_training_text)
+from kogpt.data import BatchSampler, load_tokens, prepare, read_meta, token_dtype
 from kogpt.errors import UserError
 
 from conftest import ROOT, shared_path
@@ -242,7 +243,7 @@ def test_a_failed_reprepare_keeps_the_previous_data(corpus, tok_dir, data_dir, t
 
 
 def test_csv_fields_past_the_csv_module_limit(tmp_path, monkeypatch):
-    import kogpt.data
+    import kogpt.corpus
     from kogpt.evaluate import read_documents as eval_documents
 
     long = "가나다라마바사 " * 30_000  # 240k characters: past Python's default 131,072 per field
@@ -254,7 +255,7 @@ def test_csv_fields_past_the_csv_module_limit(tmp_path, monkeypatch):
     assert eval_documents(path)[0] == f"질문\n{long.strip()}"
 
     old = csv.field_size_limit(1000)  # a field past whatever limit holds: DataError naming file:line
-    monkeypatch.setattr(kogpt.data, "_CSV_FIELD_LIMIT", 1000)
+    monkeypatch.setattr(kogpt.corpus, "_CSV_FIELD_LIMIT", 1000)
     try:
         with pytest.raises(DataError, match=r"long\.csv:2: unreadable CSV \(field larger than field limit"):
             scan(path)
@@ -326,7 +327,7 @@ def val_and_train_documents(data: Path) -> tuple[dict[str, list[str]], list[str]
 
 
 def test_train_tokenizer_holds_out_what_prepare_holds_out(corpus, tok_dir, tmp_path, capsys, monkeypatch):
-    import kogpt.data
+    import kogpt.corpus
 
     prepare([str(corpus)], tok_dir, tmp_path / "d", val_fraction=0.05, dedup_min_chars=2, num_workers=1,
             show_progress=False)
@@ -344,7 +345,7 @@ def test_train_tokenizer_holds_out_what_prepare_holds_out(corpus, tok_dir, tmp_p
         seen.append((kw["val_fraction"], kw["dedup_min_chars"]))
         return write_training_text(*args, **kw)
 
-    monkeypatch.setattr(kogpt.data, "write_training_text", spy)
+    monkeypatch.setattr(kogpt.corpus, "write_training_text", spy)
     assert main(["train-tokenizer", "--input", str(corpus), "--out", str(tmp_path / "tok"), "--vocab-size", "1000",
                  "--val-fraction", "0.05", "--dedup-min-chars", "2", "--no-progress"]) == 0
     assert seen == [(0.05, 2)] and "wiki" in capsys.readouterr().out

@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     """Every flag in range before any file is read (a one-line UserError otherwise)."""
-    from ..data import check_split_options
+    from ..corpus import check_split_options
     from ..errors import UserError
     from ..fileio import check_output_dir
     from ..tokenizer import BYTE_TOKENS, EMOTICONS, MIN_LEARNED, SPECIAL_TOKENS
@@ -56,7 +56,7 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..data import chars_per_token, find_sources, scan, write_training_text
+    from ..corpus import chars_per_token, find_sources, scan, write_training_text
     from ..errors import UserError
     from ..tokenizer import train_tokenizer
 
