@@ -108,6 +108,9 @@ PRESETS: dict[str, dict] = {
         n_positions=2048, vocab_size=64512, tie_word_embeddings=False,
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
     ),
+    # kogpt-mini, the bundled model (kogpt/models/kogpt-mini): 18.7M parameters, 24k kogpt BPE
+    # (documents start and end with </s> = 1, as GPT-2's <|endoftext|>; pad 3), trained by kogpt.
+    "kogpt-mini": _gpt2(5, 384, 6, 24576, bos_token_id=1, eos_token_id=1, pad_token_id=3),
     # Tiny shapes for tests and smoke runs.
     "tiny-gpt2": _gpt2(2, 32, 4, 1024, n_positions=128),
     "tiny-gptj": dict(

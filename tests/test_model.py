@@ -103,11 +103,13 @@ def test_presets_have_the_model_card_shapes():
     assert (j.n_layer, j.n_embd, j.n_head, j.head_dim, j.rope_dim, j.vocab_size) == (28, 4096, 16, 256, 64, 64512)
     assert 6.0e9 < j.num_params() < 6.3e9
     assert GPTConfig.preset("kogpt2-1.5b").n_layer == 48
+    mini = GPTConfig.preset("kogpt-mini")  # the bundled model: at most ~40 MB in bf16
+    assert 2 * mini.num_params() <= 40e6 and mini.n_positions == 1024 and mini.vocab_size == 24576
     with pytest.raises(KeyError, match="unknown preset"):
         GPTConfig.preset("nope")
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gptj", "tiny"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-gptj", "tiny", "kogpt-mini"])
 def test_num_params_counts_the_module(name):
     cfg = GPTConfig.preset(name)
     model = GPT(cfg)
