@@ -2,7 +2,7 @@
 
 For every topic and prompt, `--samples` continuations are sampled with the same seed twice: without
 steering and with PPLM bag-of-words steering toward the topic (upstream knobs; sampling top_k 10 as
-upstream for both). Reported per topic:
+upstream for both; end of text is banned so every sample has the full length). Reported per topic:
 - relevance: the share of continuations containing at least one of the topic's words (plain
   substring match on the continuation, so a word inside a longer word counts, e.g. 축구 in 축구장),
   and the mean number of topic-word occurrences;
@@ -59,13 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"how many of the {len(PROMPTS)} prompts")
     p.add_argument("--samples", type=int, default=4, help="continuations per prompt (seeds)")
     p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--stepsize", type=float, default=0.02, help="PPLM stepsize (upstream default 0.02)")
+    p.add_argument("--stepsize", default="0.02,0.05", help="PPLM stepsizes, comma-separated (upstream default 0.02)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write results and every sample here")
     args = p.parse_args(argv)
     try:
-        topics = [t.strip() for t in args.topics.split(",") if t.strip()]
-        words = {t: read_words(t)[1] for t in topics}
+        words = dict(read_words(t.strip()) for t in args.topics.split(",") if t.strip())  # English name -> words
+        topics = list(words)
+        stepsizes = [float(x) for x in args.stepsize.split(",")]
         if not 1 <= args.prompts <= len(PROMPTS) or args.samples < 1 or args.max_new_tokens < 1:
             raise UserError("--prompts, --samples and --max-new-tokens must be >= 1 (prompts at most "
                             f"{len(PROMPTS)})")
@@ -74,34 +75,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"steering.py: error: {e}", file=sys.stderr)
         return 2
     prompts = PROMPTS[:args.prompts]
+    eos = gpt.tokenizer.eos_id  # every sample gets the full length: no early end of text
     sampling = dict(max_new_tokens=args.max_new_tokens, do_sample=True, temperature=1.0, top_k=10,
-                    repetition_penalty=1.0, num_return_sequences=args.samples)
+                    repetition_penalty=1.0, num_return_sequences=args.samples,
+                    bad_words_ids=((eos,),) if eos is not None else ())
 
-    def run(bow=None) -> tuple[list[tuple[str, str]], float]:
+    def run(bow=None, stepsize=0.0) -> tuple[list[tuple[str, str]], float]:
         out, t0 = [], time.perf_counter()
         for i, prompt in enumerate(prompts):
-            texts = gpt.generate(prompt, seed=args.seed + i, bow=bow, pplm={"stepsize": args.stepsize}, **sampling)
+            texts = gpt.generate(prompt, seed=args.seed + i, bow=bow, pplm={"stepsize": stepsize}, **sampling)
             out += [(prompt, t) for t in ([texts] if isinstance(texts, str) else texts)]
         return out, time.perf_counter() - t0
 
     plain, plain_s = run()
     rows, results = [], {"model": args.model, "dtype": args.dtype, "prompts": list(prompts), "samples": args.samples,
-                         "max_new_tokens": args.max_new_tokens, "stepsize": args.stepsize, "seed": args.seed,
+                         "max_new_tokens": args.max_new_tokens, "stepsizes": stepsizes, "seed": args.seed,
                          "sampling": {"temperature": 1.0, "top_k": 10}, "topics": {}}
-    for topic in tqdm(topics, desc="topics", file=sys.stderr):
-        steered, steered_s = run(topic)
+    for topic, stepsize in tqdm([(t, z) for t in topics for z in stepsizes], desc="topic × stepsize", file=sys.stderr):
+        steered, steered_s = run(topic, stepsize)
         a, b = measure(gpt, plain, words[topic]), measure(gpt, steered, words[topic])
-        results["topics"][topic] = {"unsteered": a, "steered": b, "seconds": {"unsteered": plain_s, "steered": steered_s},
-                                    "samples": [{"prompt": p, "unsteered": u, "steered": s}
-                                                for (p, u), (_, s) in zip(plain, steered)]}
-        rows.append([f"{topic} ({TOPICS.get(topic, '')})", str(len(plain)),
+        results["topics"].setdefault(topic, {})[str(stepsize)] = {
+            "unsteered": a, "steered": b, "seconds": {"unsteered": plain_s, "steered": steered_s},
+            "samples": [{"prompt": p, "unsteered": u, "steered": s} for (p, u), (_, s) in zip(plain, steered)]}
+        rows.append([f"{topic} ({TOPICS.get(topic, '')})", f"{stepsize:g}", str(len(plain)),
                      f"{a['relevant']:.0%} → {b['relevant']:.0%}", f"{a['mentions']:.2f} → {b['mentions']:.2f}",
                      f"{a['loglik_per_token']:.2f} → {b['loglik_per_token']:.2f}", f"{a['ppl']:.1f} → {b['ppl']:.1f}",
                      f"{steered_s / max(plain_s, 1e-9):.1f}×"])
-    print(table(["topic", "samples", "with topic words", "topic words / sample",
+    print(table(["topic", "stepsize", "samples", "with topic words", "topic words / sample",
                           "log-lik / token", "perplexity", "time"], rows))
     print(f"\n{args.model}, {len(prompts)} prompts × {args.samples} seeds, {args.max_new_tokens} new tokens, "
-          f"temperature 1.0, top_k 10; PPLM stepsize {args.stepsize}, other knobs upstream's; "
+          "temperature 1.0, top_k 10; PPLM knobs other than stepsize upstream's; "
           "unsteered → steered; log-likelihood under the unsteered model")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

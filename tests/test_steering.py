@@ -206,3 +206,27 @@ def test_cli_generate_steers_and_checks_flags_before_loading(model_dir):
                        (("--bow", "sports", "--pplm-gm-scale", "2"), "gm_scale must be in [0, 1]")]:
         r = run(*flags)
         assert r.returncode == 2 and msg in r.stderr and "loading" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("family", ["gpt2"])
+def test_steering_benchmark_runs_and_stepsize_zero_is_the_unsteered_run(model_dir, tmp_path, capsys):
+    import importlib.util
+    import json
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("steering_bench", ROOT / "benchmarks" / "steering.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "s.json"
+    assert bench.main(["--model", str(model_dir), "--topics", "sports,과학", "--prompts", "2", "--samples", "2",
+                       "--max-new-tokens", "6", "--stepsize", "0,0.5", "--json", str(out)]) == 0
+    d = json.loads(out.read_text(encoding="utf-8"))
+    assert set(d["topics"]) == {"sports", "science"} and set(d["topics"]["sports"]) == {"0.0", "0.5"}
+    for topic in d["topics"].values():
+        off = topic["0.0"]
+        assert len(off["samples"]) == 4 and all(s["steered"] == s["unsteered"] for s in off["samples"])
+        assert off["steered"] == off["unsteered"]
+        assert any(s["steered"] != s["unsteered"] for s in topic["0.5"]["samples"])
+    assert "| sports (스포츠) | 0.5 | 4 |" in capsys.readouterr().out
+    assert bench.main(["--model", str(model_dir), "--topics", "nosuch"]) == 2
