@@ -249,8 +249,15 @@ class Adventure:
 
     def load(self, path: str | os.PathLike) -> dict:
         """Continue a saved story with its genre (sampling options stay this session's); returns the
-        save's JSON object."""
+        save's JSON object. A saved genre must be a bundled topic: a save never makes the game read
+        a file; any other genre is dropped (d["dropped_genre"] names it)."""
+        from .steering import TOPICS
+
         story, d = load_story(path)
         genre = d.get("settings", {}).get("genre")
-        self.story, self.genre = story, genre if isinstance(genre, str) and genre else None
+        if not (isinstance(genre, str) and (genre in TOPICS or genre in TOPICS.values())):
+            if genre:
+                d["dropped_genre"] = str(genre)
+            genre = None
+        self.story, self.genre = story, genre
         return d

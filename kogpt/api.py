@@ -20,13 +20,14 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .checkpoint import CheckpointError, load_model, read_json, resolve, save_model, unfragmented, write_json
+from .checkpoint import (CheckpointError, load_int8, load_model, read_json, resolve, save_model, unfragmented,
+                         write_json)
 from .convert import generation_from_hf, generation_to_hf
 from .errors import UserError
 from .generate import generate
 from .model import GPT
 from .packing import pack_linears
-from .quantize import fbgemm_available, load_int8, quantize_int8
+from .quantize import fbgemm_available, quantize_int8
 from .sampling import SamplingConfig
 from .steering import PPLMConfig, Steerer, make_bags
 from .tokenizer import StreamDecoder, Tokenizer
@@ -59,20 +60,27 @@ def load_inference_model(folder: str | os.PathLike, dtype: str | torch.dtype | N
                          device: str | torch.device = "cpu") -> GPT:
     """load_model in the fastest inference layout for `dtype` (see inference_layout)."""
     if dtype in ("int8", "int8-dynamic"):  # quantized while reading: no float copy of the model
-        return load_int8(folder, device, _int8_kernel(dtype))
+        return load_int8(folder, device, _int8_kernel(dtype, device))
     with unfragmented():  # the layer swaps below free and allocate big blocks too
         return inference_layout(load_model(folder, parse_dtype(dtype), device), dtype)
 
 
-def _int8_kernel(dtype: str) -> str:
-    return "fbgemm" if dtype == "int8-dynamic" and fbgemm_available() else "auto"
+def _int8_kernel(dtype: str, device: str | torch.device) -> str:
+    if dtype != "int8-dynamic":
+        return "auto"
+    if torch.device(device).type != "cpu":
+        raise UserError("--dtype int8-dynamic runs on the CPU only (fbgemm); use int8 or bf16 on a GPU")
+    if not fbgemm_available():
+        warnings.warn("this PyTorch build has no fbgemm: int8-dynamic falls back to weight-only int8", stacklevel=3)
+        return "auto"
+    return "fbgemm"
 
 
 def inference_layout(model: torch.nn.Module, dtype: str | torch.dtype | None) -> torch.nn.Module:
     """int8 weights for "int8" (weight-only) and "int8-dynamic" (fbgemm, int8 inputs too); otherwise
     oneDNN-packed linears for bf16/fp16 on CPU, and the model unchanged for fp32."""
     if dtype in ("int8", "int8-dynamic"):
-        return quantize_int8(model, kernel=_int8_kernel(dtype))
+        return quantize_int8(model, kernel=_int8_kernel(dtype, next(model.parameters()).device))
     return pack_linears(model)
 
 
@@ -174,12 +182,14 @@ class KoGPT:
                                     self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id))
 
     # -- generation ----------------------------------------------------------------------------
-    def options(self, **overrides) -> tuple[SamplingConfig, int | None, int | None]:
+    def options(self, steering: bool = False, **overrides) -> tuple[SamplingConfig, int | None, int | None]:
         """Sampling config and length limits: the model's defaults with `overrides` applied.
 
         Keys: SamplingConfig fields, max_new_tokens, max_length, greedy (bool). Unknown keys
-        are a UserError.
+        are a UserError. steering: top_k defaults to 10 (upstream PPLM's) unless given.
         """
+        if steering and overrides.get("top_k") is None:
+            overrides["top_k"] = 10
         unknown = set(overrides) - _SAMPLING_FIELDS - {"max_new_tokens", "max_length", "greedy"}
         if unknown:
             raise UserError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
@@ -235,9 +245,7 @@ class KoGPT:
         """
         if num_return_sequences < 1:
             raise UserError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
-        if bow is not None and options.get("top_k") is None:
-            options["top_k"] = 10  # upstream PPLM's default
-        sampling, max_new, max_len = self.options(**options)
+        sampling, max_new, max_len = self.options(steering=bow is not None, **options)
         prompts = [p for p in prompts for _ in range(num_return_sequences)]
         encoded = [self.encode_prompt(p) for p in prompts]
         steer = self.steerers(bow, pplm, len(prompts))

@@ -9,6 +9,10 @@ Batch-1 decode reads every weight once per token, so it is bounded by memory ban
 roofline column is the machine's measured read bandwidth (measure_bandwidth) divided by the weight
 bytes a decode step reads, and the share of it each engine reaches.
 
+Given a llama.cpp `llama-bench` binary, GPT-2-family rows also carry llama.cpp's numbers on the GGUF
+export of the same weights (fp32 -> F32, bf16 -> BF16, fp16 -> F16, int8 -> Q8_0): tg (batch-1
+decode tokens/s) and pp (prompt tokens/s, as time to first token of the same long prompt).
+
     rows = run_bench(folder, dtypes=["fp32", "bf16", "int8"]); print(format_table(rows))
 """
 
@@ -18,10 +22,13 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from .errors import UserError
 
 PROMPT, NEW, LONG = 32, 128, 512
 _PEER_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32,
@@ -158,10 +165,57 @@ def measure_load(folder: Path, dtype: str, which: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+_GGUF_DTYPE = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "q8_0", "int8-dynamic": "q8_0"}
+
+
+def _shape(folder: Path) -> tuple[int, int]:
+    # the prompt and new-token counts measure_speed uses for TTFT and decode, capped by the context
+    from .checkpoint import read_json
+
+    ctx = read_json(folder / "config.json").get("n_positions", 2048)
+    return min(LONG, ctx - 1), min(NEW, ctx - PROMPT)
+
+
+def measure_llama(binary: str, folder: Path, dtype: str, repeats: int = 3, timeout: float = 3600) -> dict:
+    """llama.cpp's llama-bench on the GGUF export of `folder` (dtype as kogpt names it): `llama_b1`
+    (tg tokens/s), `llama_ttft` (prompt length / pp tokens/s), `llama_format` and llama-bench's build.
+    Any failure (export, exit status, timeout, output) comes back as {"llama_error": reason}."""
+    from .gguf import write_gguf
+
+    fmt = _GGUF_DTYPE[dtype]
+    prompt, new = _shape(folder)
+    try:
+        with tempfile.TemporaryDirectory(prefix="kogpt-gguf-") as tmp:
+            path = write_gguf(folder, Path(tmp) / f"model-{fmt}.gguf", fmt, tokenizer=False)
+            cmd = [binary, "-m", str(path), "-p", str(prompt), "-n", str(new), "-t", str(torch.get_num_threads()),
+                   "-r", str(repeats), "-o", "json"]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or [""])[-1]
+            return {"llama_format": fmt, "llama_error": f"llama-bench exited {r.returncode}: {last}"[:300]}
+        tests = json.loads(r.stdout)
+        pp = next(t for t in tests if t["n_prompt"] == prompt and t["n_gen"] == 0)
+        tg = next(t for t in tests if t["n_gen"] == new and t["n_prompt"] == 0)
+        return {"llama_b1": float(tg["avg_ts"]), "llama_ttft": prompt / float(pp["avg_ts"]), "llama_format": fmt,
+                "llama_build_commit": tests[0].get("build_commit"), "llama_build_number": tests[0].get("build_number")}
+    except subprocess.TimeoutExpired:
+        return {"llama_format": fmt, "llama_error": f"llama-bench timed out after {timeout:.0f} s"}
+    except (OSError, ImportError, UserError, ValueError, KeyError, TypeError, StopIteration, ZeroDivisionError) as e:
+        # OSError: binary not runnable; ImportError: no gguf; UserError, ValueError: a failed export or
+        # bad JSON; the rest: JSON of an unexpected shape
+        return {"llama_format": fmt, "llama_error": f"{type(e).__name__}: {e}"[:300]}
+
+
 def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, peer: bool = True,
-              log=print) -> list[dict]:
-    """One row per dtype with kogpt and transformers numbers and their ratios."""
-    rows, peer_speed = [], {}
+              log=print, llama_bench: str | None = None) -> list[dict]:
+    """One row per dtype with kogpt and transformers numbers and their ratios (and llama.cpp's, when
+    `llama_bench` is the path of a llama-bench binary and the model is GPT-2 family)."""
+    from .checkpoint import load_config
+
+    rows, peer_speed, llama = [], {}, {}
+    if llama_bench and load_config(folder).family != "gpt2":
+        log("llama.cpp: GGUF export supports the GPT-2 family; skipped")
+        llama_bench = None
     log("memory bandwidth ...")
     bandwidth = measure_bandwidth()
     for dtype in dtypes:
@@ -184,6 +238,17 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
                 row[f"ratio_{k}"] = row[f"kogpt_{k}"] / row[f"hf_{k}"]
             for k in ("ttft", "load_s"):
                 row[f"ratio_{k}"] = row[f"kogpt_{k}"] / row[f"hf_{k}"]
+        if llama_bench:
+            fmt = _GGUF_DTYPE[dtype]
+            if fmt not in llama:  # int8 and int8-dynamic share one Q8_0 run
+                log(f"[{dtype}] llama.cpp llama-bench ({fmt.upper()}) ...")
+                llama[fmt] = measure_llama(llama_bench, folder, dtype, repeats)
+                if "llama_error" in llama[fmt]:
+                    log(f"[{dtype}] llama.cpp failed: {llama[fmt]['llama_error']}")
+            row.update(llama[fmt])
+            if "llama_b1" in row:
+                row["ratio_llama_b1"] = row["kogpt_b1"] / row["llama_b1"]
+                row["ratio_llama_ttft"] = row["kogpt_ttft"] / row["llama_ttft"]
         rows.append(row)
     return rows
 
@@ -192,6 +257,9 @@ def format_table(rows: list[dict]) -> str:
     """Markdown table: one line per dtype, kogpt / transformers and the ratio for each measure."""
     head = ("| dtype | decode b1 tok/s (× hf) | roofline b1 tok/s: kogpt, hf | decode b8 tok/s (× hf) "
             "| TTFT 512 s (× hf) | load s (× hf) | peak RSS / weights |\n|---|---|---|---|---|---|---|")
+    with_llama = any("llama_format" in r for r in rows)
+    if with_llama:
+        head = head.replace(" |\n|", " | llama.cpp b1 tok/s (kogpt ×) | llama.cpp TTFT 512 s (kogpt ×) |\n|") + "---|---|"
     lines = [head]
     for r in rows:
         def cell(k, fmt):
@@ -203,9 +271,26 @@ def format_table(rows: list[dict]) -> str:
         roof = f"{r['roofline_b1']:.0f}: {r['kogpt_b1'] / r['roofline_b1']:.0%}"
         if "hf_b1" in r:
             roof += f", {r['hf_b1'] / (r['roofline_b1'] * _BYTES[r['dtype']] / _BYTES[r.get('peer_dtype', r['dtype'])]):.0%}"
-        lines.append(f"| {r['dtype']}{peer} | {cell('b1', '.1f')} | {roof} | {cell('b8', '.1f')} | {cell('ttft', '.3f')} "
-                     f"| {cell('load_s', '.2f')} | {rss:.2f} |")
+        line = (f"| {r['dtype']}{peer} | {cell('b1', '.1f')} | {roof} | {cell('b8', '.1f')} | {cell('ttft', '.3f')} "
+                f"| {cell('load_s', '.2f')} | {rss:.2f} |")
+        if with_llama:
+            line += _llama_cells(r)
+        lines.append(line)
     if rows:
         lines.append(f"\nroofline: {rows[0]['bandwidth_gbs']:.1f} GB/s measured read bandwidth / weight bytes per "
                      "decode step (hf: of its own dtype's roofline)")
+    build = next((r for r in rows if r.get("llama_build_commit") is not None), None)
+    if build:
+        lines.append(f"llama.cpp: llama-bench build {build['llama_build_number']} ({build['llama_build_commit']}) on the "
+                     "GGUF export of the same weights; tg from an empty context, TTFT = prompt tokens / pp tok/s")
     return "\n".join(lines)
+
+
+def _llama_cells(r: dict) -> str:
+    if "llama_b1" in r:
+        fmt = r["llama_format"].upper()
+        return (f" {fmt}: {r['llama_b1']:.1f} ({r['ratio_llama_b1']:.2f}×) "
+                f"| {r['llama_ttft']:.3f} ({r['ratio_llama_ttft']:.2f}×) |")
+    if "llama_error" in r:
+        return f" failed ({r['llama_error'].replace('|', '/')[:80]}) | – |"
+    return " – | – |"

@@ -15,6 +15,7 @@ import ctypes
 import json
 import math
 import os
+import threading
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .fileio import FileFormatError, atomic_write, write_json
 from .fileio import read_json as _read_json
 from .convert import ConversionError, config_from_hf, config_to_hf, dtype_from_hf, state_dict_from_hf, state_dict_to_hf
 from .model import GPT
+from .quantize import Int8Linear, quantize_weight
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -148,26 +150,31 @@ def unfragmented():
     """Keep glibc's heap from fragmenting while loading: tensors are read, converted and freed one after
     another, and once glibc has freed a big mmap'ed block it serves blocks up to that size from the
     heap, where freed ones pin memory (up to ~1.5× the weights at the peak). Blocks of 128 KiB and
-    more come from mmap while this is active; afterwards the threshold is fixed at 32 MiB, glibc's
-    own maximum. A no-op without glibc."""
+    more come from mmap while this is active (for the whole process); afterwards the thresholds stay
+    fixed at glibc's own ceilings (mmap 32 MiB, trim 64 MiB) for the rest of the process. A no-op
+    without glibc."""
     global _unfragmented_depth
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         yield
         return
-    M_MMAP_THRESHOLD = -3
-    _unfragmented_depth += 1
-    mallopt(M_MMAP_THRESHOLD, 128 << 10)
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    with _unfragmented_lock:
+        _unfragmented_depth += 1
+        mallopt(M_MMAP_THRESHOLD, 128 << 10)
     try:
         yield
     finally:
-        _unfragmented_depth -= 1
-        if not _unfragmented_depth:
-            mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        with _unfragmented_lock:
+            _unfragmented_depth -= 1
+            if not _unfragmented_depth:  # glibc's own ceilings; setting them stops its adaptive resizing
+                mallopt(M_MMAP_THRESHOLD, 32 << 20)
+                mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
 _unfragmented_depth = 0
+_unfragmented_lock = threading.Lock()
 
 
 def read_weights(folder: Path, raw: dict, convert, dtype: torch.dtype | None = None):
@@ -204,17 +211,22 @@ def read_weights(folder: Path, raw: dict, convert, dtype: torch.dtype | None = N
 
 @contextmanager
 def _no_init():
-    """Skip torch.nn.init while building a model whose weights are about to be replaced: on the meta
-    device the init functions cost nothing but the first call imports torch's reference ops (~1.5 s)."""
-    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(torch.nn.init, n, lambda t, *a, **k: t)
+    """Skip weight initialization while building a model whose weights are about to be replaced: on
+    the meta device it costs nothing, but the first meta normal_ imports torch's reference ops (~1.5 s,
+    ~150 MB). A torch function mode, so it is local to this thread."""
+    with _SkipInit():
         yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.nn.init, n, f)
+
+
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    _INIT = {torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.zero_, torch.Tensor.fill_,
+             torch.nn.init.normal_, torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_, torch.nn.init.zeros_,
+             torch.nn.init.ones_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._INIT:
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
 
 
 def meta_model(config: GPTConfig) -> GPT:
@@ -243,6 +255,38 @@ def assign_weights(module: torch.nn.Module, state_dict: dict[str, torch.Tensor])
             raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the config needs {tuple(want)}")
     module.load_state_dict(state_dict, strict=False, assign=True)
     return module
+
+
+def load_int8(folder: str | os.PathLike, device: str | torch.device = "cpu", kernel: str = "auto",
+              compute_dtype: torch.dtype = torch.bfloat16) -> GPT:
+    """A GPT with int8 linear layers from an HF-format folder, each weight read in compute_dtype (through
+    a small buffer) and quantized at once: the float model never exists whole, so the peak memory is
+    the int8 model plus one compute_dtype tensor."""
+    folder = Path(folder)
+    raw = read_json(folder / CONFIG_FILE)
+    config = load_config(folder, raw)
+    model = meta_model(config)
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def finish(name: str, t: torch.Tensor) -> torch.Tensor | None:
+        module = name.removesuffix(".weight")
+        if module in linears:
+            quantized[module] = quantize_weight(t)
+            return None
+        if name == "wte.weight" and config.tie_word_embeddings:  # the tied head gets its own int8 copy
+            quantized["lm_head"] = quantize_weight(t)
+        return t
+
+    with unfragmented():
+        sd = read_weights(folder, raw, lambda get, names, dt: state_dict_from_hf(get, names, config, dt, finish),
+                          compute_dtype)
+        for module, (q, scales) in quantized.items():
+            parent, _, attr = module.rpartition(".")
+            layer = Int8Linear(q, scales, sd.pop(module + ".bias", None), compute_dtype, kernel)
+            setattr(model.get_submodule(parent) if parent else model, attr, layer)
+        assign_weights(model, sd)
+    return model.to(device).eval()
 
 
 _CHUNK_BYTES = 16 << 20  # read buffer when a load casts tensors to another dtype

@@ -21,7 +21,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .checkpoint import CONFIG_FILE, CheckpointError, assign_weights, read_json, read_weights, write_weights
+from .checkpoint import (CONFIG_FILE, CheckpointError, assign_weights, meta_model, read_json, read_weights,
+                         write_weights)
 from .config import GPTConfig
 from .convert import (ConversionError, classifier_config_from_hf, classifier_config_to_hf,
                       classifier_state_dict_from_hf, classifier_state_dict_to_hf, is_classifier_config)
@@ -214,7 +215,7 @@ def save_classifier(model: Classifier, head: Head, folder: str | os.PathLike, **
 def build_classifier(config: GPTConfig, state_dict: dict[str, torch.Tensor], device="cpu") -> Classifier:
     """A Classifier holding exactly these tensors (`gpt.*` and `score.weight`), in eval mode."""
     with torch.device("meta"):
-        model = Classifier(GPT(config), state_dict["score.weight"].size(0))
+        model = Classifier(meta_model(config), state_dict["score.weight"].size(0))
     return assign_weights(model, state_dict).to(device).eval()
 
 

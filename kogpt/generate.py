@@ -147,7 +147,7 @@ class Engine:
                 ids = torch.tensor([prefill], dtype=torch.long, device=self.cache.k.device)
                 logits = self.model(ids, self.cache, slice(row, row + 1), last_only=True)[0, -1]
             if req.steer is not None:
-                req.steer.start(self.cache, row)
+                req.steer.start(self.cache, row, len(req.ids) + budget)
                 logits = None  # sampled after this step's (steered) forward of the last prompt token
             self.rows[row] = _Active(req, list(req.ids), logits)
 
@@ -198,7 +198,9 @@ class Engine:
         return Event(a.req.key, tok, finish, is_eos, logprob, top)
 
     def _release(self, row: int) -> None:
-        del self.rows[row]
+        a = self.rows.pop(row)
+        if a.req.steer is not None:
+            a.req.steer.finish()
         self.cache.reset(slice(row, row + 1))
 
 

@@ -1,8 +1,9 @@
 """Prepacked oneDNN linear layers: the fast CPU layout for bf16/fp16 decoding.
 
-PyTorch's default CPU linear for bf16 reaches roughly half the memory bandwidth at batch 1; the
-same weights reordered once into oneDNN's blocked layout (`mkldnn._reorder_linear_weight`) and
-applied with `mkldnn._linear_pointwise` run 2–3× faster on AVX-512 CPUs. Packed weights are an
+PyTorch's default CPU linear for bf16 streams weights well below the memory bandwidth at batch 1;
+the same weights reordered once into oneDNN's blocked layout (`mkldnn._reorder_linear_weight`) and
+applied with `mkldnn._linear_pointwise` stream ~1.4× faster (17 vs 12 GB/s on the 2-core AVX-512
+machine `kogpt bench` reports on). Packed weights are an
 inference layout (no training; inputs that need gradients, as in PPLM steering, take a dense
 copy of the weight); state_dict() still yields the plain `weight`/`bias`, so a packed
 model saves like any other.

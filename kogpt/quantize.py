@@ -22,17 +22,12 @@ Other devices, and inputs that need gradients (PPLM steering), use the dequantiz
 from __future__ import annotations
 
 import functools
-import os
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CONFIG_FILE, assign_weights, load_config, meta_model, read_json, read_weights, unfragmented
-from .convert import state_dict_from_hf
-from .model import GPT
 from .packing import swap_linears
 
 _HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
@@ -49,7 +44,7 @@ def _reduce_range() -> bool:
     """fbgemm without VNNI multiplies in saturating 16-bit steps: activations then use 7 bits."""
     try:
         with open("/proc/cpuinfo") as f:
-            return not any(flag in f.read() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+            return "avx512_vnni" not in f.read()
     except OSError:
         return True
 
@@ -130,38 +125,6 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = slice(i, i + 4096)
         q[rows] = w[rows].to(torch.float32, copy=True).div_(scales[rows, None]).round_().clamp_(-127, 127)
     return q, scales
-
-
-def load_int8(folder: str | os.PathLike, device: str | torch.device = "cpu", kernel: str = "auto",
-              compute_dtype: torch.dtype = torch.bfloat16) -> GPT:
-    """A GPT with int8 linear layers from an HF-format folder, each weight read in compute_dtype (through
-    a small buffer) and quantized at once: the float model never exists whole, so the peak memory is
-    the int8 model plus one compute_dtype tensor."""
-    folder = Path(folder)
-    raw = read_json(folder / CONFIG_FILE)
-    config = load_config(folder, raw)
-    model = meta_model(config)
-    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def finish(name: str, t: torch.Tensor) -> torch.Tensor | None:
-        module = name.removesuffix(".weight")
-        if module in linears:
-            quantized[module] = quantize_weight(t)
-            return None
-        if name == "wte.weight" and config.tie_word_embeddings:  # the tied head gets its own int8 copy
-            quantized["lm_head"] = quantize_weight(t)
-        return t
-
-    with unfragmented():
-        sd = read_weights(folder, raw, lambda get, names, dt: state_dict_from_hf(get, names, config, dt, finish),
-                          compute_dtype)
-        for module, (q, scales) in quantized.items():
-            parent, _, attr = module.rpartition(".")
-            layer = Int8Linear(q, scales, sd.pop(module + ".bias", None), compute_dtype, kernel)
-            setattr(model.get_submodule(parent) if parent else model, attr, layer)
-        assign_weights(model, sd)
-    return model.to(device).eval()
 
 
 def quantize_int8(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto") -> nn.Module:

@@ -9,7 +9,12 @@ and stay nudged (as upstream, the perturbation accumulates in the cache). The ne
 distribution is the geometric mix p_steered^gm_scale · p_unsteered^(1 - gm_scale), which the normal
 sampler then filters (top_k 10 by default, as upstream). The unsteered distribution comes from a
 shadow cache of the same tokens that is never perturbed. Knobs and defaults are upstream's
-(uber-research/PPLM run_pplm.py); horizon_length is not offered: only the discriminator loss uses it.
+(uber-research/PPLM run_pplm.py), with two deliberate differences: horizon_length is not offered
+(only the discriminator loss uses it), and window_length N perturbs the N most recent positions
+(upstream's mask perturbs the first N, reported upstream as a bug). The fused distribution is
+computed on the logit scale, so temperature and repetition penalty act on it as on plain logits
+(upstream divides only the steered logits by the temperature). With a 16-bit KV cache, the steered
+row's past is kept in fp32 beside the cache, so small steps accumulate instead of rounding away.
 
 Korean words are mostly several tokens ("축구를" → ▁축구 + 를; a rare word → ▁축 + 구). Upstream keeps
 only single-token words, which drops most of a Korean list. Here every word contributes its token
@@ -55,10 +60,15 @@ class PPLMConfig:
     kl_scale: float = 0.01  # weight of KL(steered ‖ unsteered) in the loss
     gm_scale: float = 0.9  # p = p_steered^gm · p_unsteered^(1-gm)
     gamma: float = 1.5  # gradients are divided by their (running max) norm ** gamma
-    window_length: int = 0  # perturb only the last N past positions; 0 = all
+    window_length: int = 0  # perturb only the N most recent past positions; 0 = all (see the module doc)
     grad_length: int = 10000  # steer the first N generated tokens only
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kind = (int,) if f.type == "int" else (int, float)
+            if isinstance(v, bool) or not isinstance(v, kind):
+                raise SteeringError(f"pplm {f.name} must be {'an integer' if f.type == 'int' else 'a number'}, got {v!r}")
         for name, ok in (("stepsize", self.stepsize >= 0), ("num_iterations", self.num_iterations >= 0),
                          ("kl_scale", self.kl_scale >= 0), ("gm_scale", 0 <= self.gm_scale <= 1),
                          ("gamma", self.gamma >= 0), ("window_length", self.window_length >= 0),
@@ -66,8 +76,6 @@ class PPLMConfig:
             if not ok:
                 bound = "in [0, 1]" if name == "gm_scale" else ">= 0"
                 raise SteeringError(f"pplm {name} must be {bound}, got {getattr(self, name)}")
-        if not float(self.num_iterations).is_integer() or not float(self.window_length).is_integer():
-            raise SteeringError("pplm num_iterations and window_length must be integers")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PPLMConfig":
@@ -207,18 +215,29 @@ class Steerer:
             raise SteeringError("steering needs at least one bag of words")
         self.bags, self.config = list(bags), config
         self.shadow: KVCache | None = None  # the same tokens, never perturbed
+        self.master: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 past of a 16-bit cache row
+        self.filled = 0  # positions of the row copied into master
         self.grad_norms: torch.Tensor | None = None  # (n_layer,) running max, as upstream for BoW
         self.steps = 0
         self.unsteered: torch.Tensor | None = None  # (V,) fp32 next-token logits without steering
         self.losses: list[float] = []  # bag-of-words loss before the first gradient step of each step
 
-    def start(self, cache: KVCache, row: int) -> None:
-        c = cache
-        self.shadow = KVCache(c.k.size(0), 1, c.k.size(2), c.max_len, c.k.size(4), c.k.dtype, c.k.device)
-        n = int(c.lengths[row])
+    def start(self, cache: KVCache, row: int, max_len: int) -> None:
+        """Begin a request in cache row `row` that will hold at most max_len positions."""
+        if self.shadow is not None:
+            raise SteeringError("a Steerer serves one request; make one per prompt")
+        c, n = cache, int(cache.lengths[row])
+        shape = (c.k.size(0), 1, c.k.size(2), max_len, c.k.size(4))
+        self.shadow = KVCache(shape[0], 1, shape[2], max_len, shape[4], c.k.dtype, c.k.device)
         self.shadow.k[:, :, :, :n] = c.k[:, row:row + 1, :, :n]
         self.shadow.v[:, :, :, :n] = c.v[:, row:row + 1, :, :n]
         self.shadow.lengths[0] = n
+        if c.k.dtype != torch.float32:
+            self.master = (torch.zeros(shape, device=c.k.device), torch.zeros(shape, device=c.k.device))
+
+    def finish(self) -> None:
+        """Free the request's caches (the decode loop calls it when the request ends)."""
+        self.shadow = self.master = None
 
     def targets(self, history: Sequence[int]) -> list[list[int]]:
         return [sorted(b.targets(history)) for b in self.bags]
@@ -234,9 +253,15 @@ class Steerer:
         if L == 0 or self.steps > cfg.grad_length:
             return
         targets = self.targets(history)
+        if self.master is not None:  # positions written since the last step join the fp32 copy
+            for m, c in zip(self.master, (cache.k, cache.v)):
+                m[:, :, :, self.filled:L] = c[:, row:row + 1, :, self.filled:L]
+            self.filled = L
         with torch.inference_mode(False), torch.enable_grad():
-            past_k = cache.k[:, row:row + 1, :, :L].clone()  # (n_layer, 1, nh, L, hs)
-            past_v = cache.v[:, row:row + 1, :, :L].clone()
+            src = self.master or (cache.k[:, row:row + 1], cache.v[:, row:row + 1])
+            past_k = src[0][:, :, :, :L].clone()  # (n_layer, 1, nh, L, hs)
+            past_v = src[1][:, :, :, :L].clone()
+            dtype = cache.k.dtype
             unsteered, tok = self.unsteered.clone(), tok.clone()  # normal tensors: autograd may save them
             window = torch.ones(L, device=past_k.device)
             if 0 < cfg.window_length < L:
@@ -245,7 +270,7 @@ class Steerer:
             dk, dv = torch.zeros_like(past_k, dtype=torch.float32), torch.zeros_like(past_v, dtype=torch.float32)
             for i in range(cfg.num_iterations):
                 dk_, dv_ = dk.clone().requires_grad_(), dv.clone().requires_grad_()
-                past = _PerturbedPast((past_k.float() + dk_).to(past_k.dtype), (past_v.float() + dv_).to(past_v.dtype))
+                past = _PerturbedPast((past_k.float() + dk_).to(dtype), (past_v.float() + dv_).to(dtype))
                 loss, bow = self.loss(model(tok, past)[0, -1].float(), unsteered, targets)
                 if i == 0:
                     self.losses.append(bow)
@@ -255,9 +280,11 @@ class Steerer:
                 self.grad_norms = norms + SMALL if self.grad_norms is None else torch.maximum(self.grad_norms, norms)
                 scale = (cfg.stepsize / self.grad_norms ** cfg.gamma).view(-1, 1, 1, 1, 1)
                 dk, dv = dk - scale * gk, dv - scale * gv
-            new_k, new_v = (past_k.float() + dk).to(past_k.dtype), (past_v.float() + dv).to(past_v.dtype)
-        cache.k[:, row:row + 1, :, :L] = new_k
-        cache.v[:, row:row + 1, :, :L] = new_v
+            new_k, new_v = past_k.float() + dk, past_v.float() + dv
+        if self.master is not None:
+            self.master[0][:, :, :, :L], self.master[1][:, :, :, :L] = new_k, new_v
+        cache.k[:, row:row + 1, :, :L] = new_k.to(dtype)
+        cache.v[:, row:row + 1, :, :L] = new_v.to(dtype)
 
     def loss(self, logits: torch.Tensor, unsteered: torch.Tensor, targets: list[list[int]]) -> tuple[torch.Tensor, float]:
         """(total loss, bag-of-words part) for next-token logits (V,)."""
@@ -273,6 +300,6 @@ class Steerer:
         return loss, bow.item()
 
     def fuse(self, logits: torch.Tensor) -> torch.Tensor:
-        """Next-token log-probabilities (V,) mixing the steered logits with the unsteered ones."""
+        """Next-token logits (V,) whose softmax is p_steered^gm · p_unsteered^(1-gm), renormalized."""
         gm = self.config.gm_scale
-        return gm * logits.float().log_softmax(-1) + (1 - gm) * self.unsteered.log_softmax(-1)
+        return gm * logits.float() + (1 - gm) * self.unsteered

@@ -191,6 +191,8 @@ def test_save_load_round_trip(tmp_path):
     game = Adventure(FakeGPT(), Story("다른 이야기."))
     game.load(path)
     assert game.story == story and game.genre == "판타지"
+    save_story(path, story, "kogpt-mini", {"genre": "/etc/passwd"})  # a save never makes the game read a file
+    assert game.load(path)["dropped_genre"] == "/etc/passwd" and game.genre is None
 
 
 @pytest.mark.parametrize("content,msg", [

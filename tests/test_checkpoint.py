@@ -203,3 +203,26 @@ def test_bundled_model_names_resolve_to_the_package_folder(hf_dir, tmp_path, mon
     assert resolve("mini") == models / "mini"
     with pytest.raises(CheckpointError, match="not found: empty"):
         resolve("empty")
+
+
+@pytest.mark.parametrize("chunk", [20, 4096])
+def test_casting_loads_read_through_a_small_buffer(hf_dir, monkeypatch, chunk):
+    """A bf16 load of an fp32 file casts through a buffer of _CHUNK_BYTES (odd sizes split rows)."""
+    import kogpt.checkpoint
+
+    whole = load_model(hf_dir, torch.float32)
+    monkeypatch.setattr(kogpt.checkpoint, "_CHUNK_BYTES", chunk)
+    cast = load_model(hf_dir, torch.bfloat16)
+    for (n, a), (m, b) in zip(sorted(whole.state_dict().items()), sorted(cast.state_dict().items())):
+        assert n == m and b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), n
+
+
+def test_building_on_meta_skips_init_only_inside_the_context():
+    from kogpt.checkpoint import meta_model
+    from kogpt.config import GPTConfig
+
+    m = meta_model(GPTConfig.preset("tiny-gpt2"))
+    assert m.wte.weight.is_meta
+    t = torch.empty(1000)
+    torch.nn.init.normal_(t)  # outside the context init works again
+    assert t.std() > 0.5

@@ -63,7 +63,7 @@ def test_dtype_int8_through_the_api(model_dir, tmp_path, dtype, kernel):
 @torch.no_grad()
 def test_quantizing_while_reading_equals_quantizing_the_loaded_model(hf_dir):
     """load_int8 never builds the float model, yet gives exactly the model quantize_int8 makes from it."""
-    from kogpt.quantize import load_int8
+    from kogpt.checkpoint import load_int8
 
     streamed = load_int8(hf_dir)
     whole = quantize_int8(load_model(hf_dir, torch.bfloat16))

@@ -9,7 +9,7 @@ from kogpt.api import KoGPT
 from kogpt.checkpoint import load_model
 from kogpt.generate import generate_ids
 from kogpt.kv_cache import KVCache
-from kogpt.sampling import GREEDY
+from kogpt.sampling import GREEDY, SamplingConfig
 from kogpt.steering import (TOPICS, BagOfWords, PPLMConfig, Steerer, SteeringError, make_bags, read_words,
                             topics, word_sequences)
 
@@ -58,14 +58,39 @@ def test_bundled_topics_and_word_files(tmp_path, korean_tokenizer):
     assert make_bags(["서울", "부산"], korean_tokenizer)[0].words == ["서울", "부산"]
 
 
-@pytest.mark.parametrize("bad", [{"stepsize": -1}, {"gm_scale": 1.5}, {"num_iterations": -2}, {"stepsz": 1}])
+@pytest.mark.parametrize("bad", [{"stepsize": -1}, {"gm_scale": 1.5}, {"num_iterations": -2}, {"stepsz": 1},
+                                 {"num_iterations": 3.0}, {"window_length": True}, {"stepsize": "0.1"}])
 def test_bad_knobs_are_one_line_errors(bad):
     with pytest.raises(SteeringError):
         PPLMConfig.from_dict(bad)
 
 
+def test_the_knobs_are_the_same_everywhere():
+    import dataclasses
+
+    from kogpt.cli.common import PPLM_FLAGS
+    from kogpt.serve.protocol import PPLMOptions
+
+    fields = {f.name for f in dataclasses.fields(PPLMConfig)}
+    assert set(PPLM_FLAGS) == fields == set(PPLMOptions.model_fields)
+
+
+def test_several_bow_flags_are_several_bags(tmp_path):
+    import argparse
+
+    from kogpt.cli.common import add_steering_arguments, steering_options
+
+    p = argparse.ArgumentParser()
+    add_steering_arguments(p)
+    f = tmp_path / "w.txt"
+    f.write_text("동백꽃\n", encoding="utf-8")
+    opts = steering_options(p.parse_args(["--bow", "horror", "--bow", str(f), "--bow-words", "축구,야구"]))
+    assert opts["bow"] == [read_words("horror")[1], ["동백꽃"], ["축구", "야구"]]
+    assert steering_options(p.parse_args([])) == {}
+
+
 # -- the algorithm ------------------------------------------------------------------------------
-def reference(model, prompt, n, bow_ids, cfg):
+def reference(model, prompt, n, bow_ids, cfg, penalty=1.0):
     """Upstream run_pplm.py's loop for one prompt, greedy, written independently of kogpt.steering:
     unsteered logits by full recompute of the unperturbed text; the past perturbed by normalized
     gradient steps and kept; the next token from p^gm · q^(1-gm). Single-token bag words."""
@@ -94,9 +119,13 @@ def reference(model, prompt, n, bow_ids, cfg):
     for _ in range(n):
         last = torch.tensor([[ids[-1]]])
         with torch.no_grad():
-            q = model(torch.tensor([ids]))[0, -1].softmax(-1)  # full recompute, never perturbed
+            q_logits = model(torch.tensor([ids]))[0, -1]  # full recompute, never perturbed
+            q = q_logits.softmax(-1)
         acc_k, acc_v = torch.zeros_like(k), torch.zeros_like(v)
-        for _ in range(cfg.num_iterations):
+        window = torch.ones(k.size(3), 1)
+        if 0 < cfg.window_length < k.size(3):
+            window[:k.size(3) - cfg.window_length] = 0  # the most recent window_length positions
+        for _ in range(cfg.num_iterations if len(out) < cfg.grad_length else 0):
             pk, pv = (k + acc_k).requires_grad_(), (v + acc_v).requires_grad_()
             probs = model(last, Past(pk, pv))[0, -1].softmax(-1)[None]  # (1, V)
             loss = -torch.log(torch.sum(torch.mm(probs, one_hot.t())))
@@ -104,31 +133,53 @@ def reference(model, prompt, n, bow_ids, cfg):
             pc = probs + 1e-15 * (probs <= 1e-15).float().detach()
             loss = loss + cfg.kl_scale * (pc * (pc / qc).log()).sum()
             loss.backward()
-            norms = torch.stack([(pk.grad[i].norm() ** 2 + pv.grad[i].norm() ** 2).sqrt() for i in range(k.size(0))])
+            gk, gv = pk.grad * window, pv.grad * window
+            norms = torch.stack([(gk[i].norm() ** 2 + gv[i].norm() ** 2).sqrt() for i in range(k.size(0))])
             grad_norms = norms + 1e-15 if grad_norms is None else torch.maximum(grad_norms, norms)
             s = (cfg.stepsize / grad_norms ** cfg.gamma).view(-1, 1, 1, 1, 1)
-            acc_k, acc_v = acc_k - s * pk.grad, acc_v - s * pv.grad
+            acc_k, acc_v = acc_k - s * gk, acc_v - s * gv
         with torch.no_grad():
             pk, pv = k + acc_k, v + acc_v
             c = KVCache.for_model(model.config, 1, 64)
             c.k[:, :, :, :pk.size(3)], c.v[:, :, :, :pk.size(3)], c.lengths[0] = pk, pv, pk.size(3)
-            p = model(last, c)[0, -1].softmax(-1)
+            p_logits = model(last, c)[0, -1]
             k, v = c.k[:, :, :, :pk.size(3) + 1].clone(), c.v[:, :, :, :pk.size(3) + 1].clone()
-        fused = p ** cfg.gm_scale * q ** (1 - cfg.gm_scale)
+        fused = cfg.gm_scale * p_logits + (1 - cfg.gm_scale) * q_logits  # log of p^gm q^(1-gm), unnormalized
+        seen = torch.tensor(sorted(set(ids)))
+        fused[seen] = torch.where(fused[seen] < 0, fused[seen] * penalty, fused[seen] / penalty)
         ids.append(int(fused.argmax()))
         out.append(ids[-1])
     return out
 
 
-def test_engine_steering_equals_upstream_reference(hf_dir):
+@pytest.mark.parametrize("knobs", [{}, {"window_length": 3, "grad_length": 4}], ids=["default", "window-grad_length"])
+def test_engine_steering_equals_upstream_reference(hf_dir, knobs):
     model = load_model(hf_dir)
-    cfg = PPLMConfig(stepsize=0.5)  # large enough to change the greedy path of a random model
+    cfg = PPLMConfig(stepsize=0.5, **knobs)  # large enough to change the greedy path of a random model
     bow_ids = [17, 101, 230, 499]
     bag = BagOfWords("t", [], [(i,) for i in bow_ids])
     prompt = [5, 60, 70, 8, 9]
     got = generate_ids(model, [prompt], max_new_tokens=8, sampling=GREEDY, steer=[Steerer([bag], cfg)])[0]
     assert got == reference(model, prompt, 8, bow_ids, cfg)
-    assert got != generate_ids(model, [prompt], max_new_tokens=8, sampling=GREEDY)[0]
+    if not knobs:
+        assert got != generate_ids(model, [prompt], max_new_tokens=8, sampling=GREEDY)[0]
+    # the repetition penalty acts on the fused distribution as on plain logits
+    s = SamplingConfig(do_sample=False, repetition_penalty=3.0)
+    got = generate_ids(model, [prompt], max_new_tokens=16, sampling=s, steer=[Steerer([bag], cfg)])[0]
+    assert got == reference(model, prompt, 16, bow_ids, cfg, penalty=3.0)
+
+
+def test_a_steered_row_batched_with_others_equals_its_solo_run(hf_dir):
+    model = load_model(hf_dir)
+    bag = BagOfWords("t", [], [(17,), (101, 230)])
+    a, b = [5, 60, 70, 8, 9], [44, 3]
+    mk = lambda: Steerer([bag], PPLMConfig(stepsize=0.5))  # noqa: E731
+    solo_a = generate_ids(model, [a], max_new_tokens=10, steer=[mk()])[0]
+    solo_b = generate_ids(model, [b], max_new_tokens=10)[0]
+    assert generate_ids(model, [b, a], max_new_tokens=10, steer=[None, mk()]) == [solo_b, solo_a]
+    shared = mk()
+    with pytest.raises(SteeringError, match="one request"):
+        generate_ids(model, [a, b], max_new_tokens=4, steer=[shared, shared])
 
 
 class Recording(Steerer):
@@ -230,3 +281,16 @@ def test_steering_benchmark_runs_and_stepsize_zero_is_the_unsteered_run(model_di
         assert any(s["steered"] != s["unsteered"] for s in topic["0.5"]["samples"])
     assert "| sports (스포츠) | 0.5 | 4 |" in capsys.readouterr().out
     assert bench.main(["--model", str(model_dir), "--topics", "nosuch"]) == 2
+
+
+def test_fusion_is_the_geometric_mix_on_the_logit_scale():
+    """softmax(fuse) = p^gm q^(1-gm) renormalized, and equal inputs come back unchanged, so the
+    repetition penalty (÷ positive, × negative logits) acts as it does without steering."""
+    g = torch.Generator().manual_seed(0)
+    steered, plain = torch.randn(50, generator=g) * 3, torch.randn(50, generator=g) * 3
+    s = Steerer([BagOfWords("t", [], [(1,)])], PPLMConfig(gm_scale=0.7))
+    s.unsteered = plain
+    mix = steered.softmax(-1) ** 0.7 * plain.softmax(-1) ** 0.3
+    torch.testing.assert_close(s.fuse(steered).softmax(-1), mix / mix.sum())
+    s.unsteered = steered.clone()
+    torch.testing.assert_close(s.fuse(steered), steered)

@@ -181,6 +181,8 @@ def _loaded(game, path: str, d: dict) -> None:
     from ..adventure import turn_text
 
     other = f", saved with model {d['model']}" if d.get("model") and d["model"] != game.gpt.name else ""
+    if d.get("dropped_genre"):
+        other += f"; its genre {d['dropped_genre']!r} is not a bundled topic, so steering is off"
     print(f"  loaded {path} ({_turns(game)}, genre {game.genre or 'off'}{other})", flush=True)
     last = turn_text(game.story.turns[-1]) if game.story.turns else game.story.opening
     print(f"\n{'…' if game.story.turns else ''}{last}\n", flush=True)

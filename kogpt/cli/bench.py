@@ -1,9 +1,11 @@
-"""`kogpt bench`: decode speed, time to first token, load time and peak RSS against transformers."""
+"""`kogpt bench`: decode speed, time to first token, load time and peak RSS against transformers
+(and llama.cpp's llama-bench on the GGUF export, when the binary is on PATH or given)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtypes to measure (repeatable; default: fp32, bf16, int8, int8-dynamic)")
     p.add_argument("--repeats", type=int, default=3, help="repetitions per measure; the median is reported")
     p.add_argument("--no-peer", action="store_true", help="skip transformers (kogpt numbers only)")
+    p.add_argument("--llama-bench", default=None, metavar="PATH",
+                   help="llama.cpp llama-bench binary for the llama.cpp columns (default: llama-bench on PATH)")
+    p.add_argument("--no-llama-bench", action="store_true", help="skip llama.cpp even if llama-bench is on PATH")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
@@ -41,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
             import transformers  # noqa: F401
         except ImportError:
             raise UserError("transformers is not installed; pip install transformers, or pass --no-peer") from None
+    llama_bench = None if args.no_llama_bench else _llama_bench(args.llama_bench)
     folder = args.model
     if folder is None:
         folder = Path(tempfile.gettempdir()) / f"kogpt-bench-{args.preset}"
@@ -50,8 +56,31 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{folder} is not a model folder (no config.json)")
     else:
         load_config(folder)  # a malformed config.json fails here, in one line
-    rows = bench.run_bench(folder, args.dtype or ["fp32", "bf16", "int8", "int8-dynamic"], args.repeats, not args.no_peer)
+    rows = bench.run_bench(folder, args.dtype or ["fp32", "bf16", "int8", "int8-dynamic"], args.repeats,
+                           not args.no_peer, llama_bench=llama_bench)
     print(bench.format_table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"model": str(folder), "rows": rows}, indent=2) + "\n")
+        result = {"model": str(folder), "rows": rows}
+        if llama_bench:
+            build = next((r for r in rows if r.get("llama_build_commit") is not None), {})
+            result["llama_bench"] = {"path": llama_bench, "build_number": build.get("llama_build_number"),
+                                     "build_commit": build.get("llama_build_commit")}
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _llama_bench(path: str | None) -> str | None:
+    # an explicit --llama-bench must work; one found on PATH is used only if gguf is installed too
+    found = shutil.which(path or "llama-bench")
+    if path and found is None:
+        raise UserError(f"--llama-bench {path}: not an executable file")
+    if found is None:
+        return None
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        if path:
+            raise UserError("--llama-bench needs the gguf package for the GGUF export; pip install gguf") from None
+        print("llama-bench is on PATH but gguf is not installed (pip install gguf): no llama.cpp columns", flush=True)
+        return None
+    return str(Path(found).resolve())

@@ -68,21 +68,19 @@ def steering_options(args: argparse.Namespace) -> dict:
     """bow / pplm keyword arguments of KoGPT.iter_completions from parsed flags; checked before loading."""
     from ..steering import PPLMConfig, read_words
 
-    bags: list = list(args.bow)
+    bags: list = [read_words(spec)[1] for spec in args.bow]  # a missing topic or file fails before loading
     if args.bow_words is not None:
         words = [w.strip() for w in args.bow_words.split(",") if w.strip()]
         if not words:
             raise UserError("--bow-words needs at least one word, e.g. --bow-words 축구,야구")
         bags.append(words)
-    for spec in args.bow:
-        read_words(spec)  # a missing topic or file fails now, not after loading the model
     pplm = {k: getattr(args, f"pplm_{k}") for k in PPLM_FLAGS if getattr(args, f"pplm_{k}") is not None}
     PPLMConfig.from_dict(pplm)
     if pplm and not bags:
         raise UserError("--pplm-* options need --bow or --bow-words")
     if not bags:
         return {}
-    return {"bow": bags if len(bags) > 1 else bags[0], "pplm": pplm}
+    return {"bow": bags, "pplm": pplm}  # a list of word lists: one bag each
 
 
 def sampling_options(args: argparse.Namespace) -> dict:

@@ -143,15 +143,13 @@ def create_app(gpt: KoGPT, *, max_batch_size: int = 8, max_queue: int = 64, max_
                 raise APIError(400, f"bow must be a list of words or a bundled topic: {', '.join(TOPICS)}", "bow")
             if isinstance(body.bow, list) and not (0 < len(body.bow) <= 500 and all(0 < len(w) <= 50 for w in body.bow)):
                 raise APIError(400, "bow must hold 1 to 500 words of 1 to 50 characters", "bow")
-            if overrides.get("top_k") is None:
-                overrides["top_k"] = 10  # upstream PPLM's default
             try:
                 steer = gpt.steerers(body.bow, body.pplm.knobs() if body.pplm else None, len(prompts) * body.n)
             except UserError as e:
                 raise APIError(400, str(e), "bow") from None
         elif body.pplm is not None:
             raise APIError(400, "pplm options need bow (a topic name or a list of words)", "pplm")
-        sampling, max_new, max_len = gpt.options(**overrides)
+        sampling, max_new, max_len = gpt.options(steering=body.bow is not None, **overrides)
         specs = []
         for prompt in prompts:
             ids = gpt.encode_prompt(prompt)

@@ -1,0 +1,224 @@
+"""GGUF export read back with gguf's own reader, `kogpt bench` with a fake llama-bench, and (when the
+binary is built) the real llama-bench loading the exported files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import KOREAN_LINES, make_hf_model
+
+gguf = pytest.importorskip("gguf")
+
+from kogpt.checkpoint import load_model  # noqa: E402
+from kogpt.errors import UserError  # noqa: E402
+from kogpt.gguf import gguf_name, write_gguf  # noqa: E402
+
+LLAMA_BENCH = shutil.which("llama-bench") or next(
+    (p for p in ["/work/llama.cpp-src/build/bin/llama-bench"] if os.access(p, os.X_OK)), None)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 with non-trivial LayerNorms and biases (a swapped tensor would show)."""
+    d = tmp_path_factory.mktemp("gpt2") / "tiny"
+    make_hf_model("gpt2").save_pretrained(d)
+    return d
+
+
+def fields(reader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
+def test_gguf_tensors_and_metadata_match_the_model(gpt2_dir, tmp_path, dtype):
+    model = load_model(gpt2_dir, torch.float32)
+    cfg = model.config
+    reader = gguf.GGUFReader(write_gguf(gpt2_dir, tmp_path / "m.gguf", dtype))
+    meta = fields(reader)
+    assert meta["general.architecture"] == "gpt2" and meta["general.type"] == "model"
+    assert meta["general.file_type"] == {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}[dtype]
+    assert meta["general.quantization_version"] == 2
+    assert (meta["gpt2.block_count"], meta["gpt2.context_length"], meta["gpt2.embedding_length"],
+            meta["gpt2.feed_forward_length"], meta["gpt2.attention.head_count"]) == (2, 128, 32, 128, 4)
+    assert meta["gpt2.attention.layer_norm_epsilon"] == pytest.approx(cfg.layer_norm_epsilon)
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+
+    expected = {gguf_name(k): v for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied head
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == expected.keys()
+    assert {"token_embd.weight", "position_embd.weight", "output_norm.bias", "blk.1.attn_qkv.weight",
+            "blk.1.attn_output.weight", "blk.1.ffn_up.weight", "blk.1.ffn_down.bias", "blk.0.ffn_norm.weight"} <= set(tensors)
+    wide = dtype.upper()
+    for name, t in tensors.items():
+        want = expected[name].numpy()
+        stays_f32 = want.ndim == 1 or name.startswith("position_embd")
+        assert t.tensor_type.name == ("F32" if stays_f32 else wide), name
+        assert list(t.shape) == list(reversed(want.shape)), name  # ggml order: (in, out)
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        if t.tensor_type.name == "F32":
+            np.testing.assert_array_equal(got, want, err_msg=name)
+        elif t.tensor_type.name in ("F16", "BF16"):  # round to nearest even, as torch
+            torch_dtype = torch.float16 if t.tensor_type.name == "F16" else torch.bfloat16
+            np.testing.assert_array_equal(got, expected[name].to(torch_dtype).float().numpy(), err_msg=name)
+        else:  # Q8_0: blocks of 32 share an fp16 scale amax/127; rounding error <= scale/2 (+ the scale's rounding)
+            blocks_want, blocks_got = want.reshape(-1, 32), got.reshape(-1, 32)
+            bound = np.abs(blocks_want).max(axis=1, keepdims=True) / 127 * 0.6
+            assert (np.abs(blocks_got - blocks_want) <= bound + 1e-12).all(), name
+    qkv = expected["blk.0.attn_qkv.weight"]
+    assert qkv.shape == (3 * cfg.n_embd, cfg.n_embd)  # kogpt's fused (q, k, v) rows, as the converter's transposed c_attn
+
+
+def test_placeholder_vocabulary_has_vocab_size_unique_tokens(gpt2_dir, tmp_path):
+    meta = fields(gguf.GGUFReader(write_gguf(gpt2_dir, tmp_path / "m.gguf")))
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == 1000 == len(set(tokens))
+    assert tokens[ord("A")] == "A" and tokens[ord(" ")] == "\u0120" and tokens[ord("\n")] == "\u010a"  # GPT-2 bytes
+    assert meta["tokenizer.ggml.merges"] == ["\u0120 \u0120"] and tokens[256] == "\u0120\u0120"
+    assert set(types[:257]) == {int(gguf.TokenType.NORMAL)} and set(types[257:]) == {int(gguf.TokenType.CONTROL)}
+    assert meta["tokenizer.ggml.eos_token_id"] == 1  # from config.json
+
+
+@pytest.mark.parametrize("files", ["tokenizer.json", "vocab.json"])
+def test_byte_level_tokenizer_is_exported_by_id(gpt2_dir, tmp_path, files):
+    from tokenizers import ByteLevelBPETokenizer
+
+    from kogpt.tokenizer import Tokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(gpt2_dir, folder)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(KOREAN_LINES * 3, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    if files == "tokenizer.json":
+        bpe.save(str(folder / "tokenizer.json"))
+    else:
+        bpe.save_model(str(folder))
+    tok = Tokenizer.from_dir(folder)
+    meta = fields(gguf.GGUFReader(write_gguf(folder, tmp_path / "m.gguf", "q8_0")))
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    n = tok.vocab_size
+    assert len(tokens) == len(types) == 1000
+    assert tokens[:n] == [tok.id_to_token(i) for i in range(n)]
+    assert tokens[n:] == [f"[PAD{i}]" for i in range(n, 1000)] and set(types[n:]) == {int(gguf.TokenType.UNUSED)}
+    eot = tok.token_to_id("<|endoftext|>")
+    assert types[eot] == int(gguf.TokenType.CONTROL) and types[eot + 1] == int(gguf.TokenType.NORMAL)
+    merges = json.loads(tok.tokenizer.to_str())["model"]["merges"]
+    assert meta["tokenizer.ggml.merges"] == [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def test_a_non_byte_level_tokenizer_is_refused_unless_a_placeholder_is_asked_for(gpt2_dir, tmp_path, korean_tokenizer):
+    folder = tmp_path / "model"
+    shutil.copytree(gpt2_dir, folder)
+    korean_tokenizer.save(folder)  # SentencePiece-style (Metaspace, byte fallback)
+    with pytest.raises(UserError, match="byte-level BPE"):
+        write_gguf(folder, tmp_path / "m.gguf")
+    meta = fields(gguf.GGUFReader(write_gguf(folder, tmp_path / "m.gguf", tokenizer=False)))
+    assert len(meta["tokenizer.ggml.tokens"]) == 1000
+
+
+def test_gptj_is_refused(tmp_path):
+    make_hf_model("gptj").save_pretrained(tmp_path / "gptj")
+    with pytest.raises(UserError, match="GGUF export supports the GPT-2 family"):
+        write_gguf(tmp_path / "gptj", tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_kogpt_imports_without_gguf():
+    code = "import sys, kogpt, kogpt.gguf, kogpt.bench, kogpt.cli.bench; assert 'gguf' not in sys.modules"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+FAKE = '''#!{python}
+# a stand-in llama-bench: checks its arguments, prints llama-bench-shaped JSON (or fails on request)
+import json, os, sys
+a = sys.argv[1:]
+arg = lambda k: a[a.index(k) + 1]
+with open(arg("-m"), "rb") as f:
+    assert f.read(4) == b"GGUF"
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps(a) + "\\n")
+if os.environ.get("FAKE_MODE") == "fail":
+    sys.exit("error: failed to load model")
+if os.environ.get("FAKE_MODE") == "garbage":
+    print("not json"); sys.exit(0)
+base = dict(build_commit="fake123", build_number=4242, n_depth=0, avg_ns=1, stddev_ns=0, stddev_ts=0.0)
+p, n = int(arg("-p")), int(arg("-n"))
+print(json.dumps([dict(base, n_prompt=p, n_gen=0, avg_ts=1000.0), dict(base, n_prompt=0, n_gen=n, avg_ts=250.0)], indent=2))
+'''
+
+
+@pytest.fixture
+def fake_llama(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "llama-bench"
+    path.write_text(FAKE.format(python=sys.executable))
+    path.chmod(0o755)
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "calls.jsonl"))
+    return path
+
+
+def test_bench_adds_llama_cpp_columns(tmp_path, fake_llama):
+    from kogpt.bench import make_random_checkpoint
+
+    model = make_random_checkpoint(tmp_path / "model", "tiny-gpt2")
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "kogpt", "bench", "--model", str(model), "--dtype", "fp32",
+                        "--dtype", "int8", "--dtype", "int8-dynamic", "--repeats", "1", "--no-peer",
+                        "--llama-bench", str(fake_llama), "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "| llama.cpp b1 tok/s (kogpt ×) | llama.cpp TTFT 512 s (kogpt ×) |" in r.stdout
+    assert "| fp32 |" in r.stdout and " F32: 250.0 (" in r.stdout and " Q8_0: 250.0 (" in r.stdout
+    assert "llama-bench build 4242 (fake123)" in r.stdout
+    result = json.loads(out.read_text())
+    assert result["llama_bench"] == {"path": str(fake_llama), "build_number": 4242, "build_commit": "fake123"}
+    rows = result["rows"]
+    assert [row["llama_format"] for row in rows] == ["f32", "q8_0", "q8_0"]
+    for row in rows:
+        assert row["llama_b1"] == 250.0 and row["llama_ttft"] == pytest.approx(127 / 1000)  # tiny context: 127-token prompt
+        assert row["ratio_llama_b1"] == pytest.approx(row["kogpt_b1"] / 250.0)
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert len(calls) == 2  # int8 and int8-dynamic share one Q8_0 run
+    assert calls[0][calls[0].index("-p") + 1] == "127" and calls[0][calls[0].index("-n") + 1] == "96"
+    assert calls[0][calls[0].index("-r") + 1] == "1" and calls[0][calls[0].index("-o") + 1] == "json"
+
+
+@pytest.mark.parametrize("mode, reason", [("fail", "llama-bench exited 1: error: failed to load model"),
+                                          ("garbage", "JSONDecodeError")])
+def test_a_failing_llama_bench_is_noted_in_the_row(gpt2_dir, fake_llama, monkeypatch, mode, reason):
+    from kogpt.bench import format_table, measure_llama
+
+    monkeypatch.setenv("FAKE_MODE", mode)
+    out = measure_llama(str(fake_llama), gpt2_dir, "bf16", repeats=1)
+    assert out["llama_format"] == "bf16" and reason in out["llama_error"] and "llama_b1" not in out
+    row = {"dtype": "bf16", "kogpt_b1": 10.0, "kogpt_b8": 50.0, "kogpt_ttft": 0.1, "kogpt_load_s": 1.0,
+           "kogpt_peak_rss_mb": 2.0, "kogpt_weights_mb": 1.0, "bandwidth_gbs": 10.0, "roofline_b1": 100.0, **out}
+    table = format_table([row])
+    assert "| bf16 |" in table and "| failed (" in table and "llama-bench build" not in table
+
+
+def test_a_missing_llama_bench_is_a_user_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "kogpt", "bench", "--model", str(tmp_path), "--llama-bench",
+                        str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "not an executable file" in r.stderr
+
+
+@pytest.mark.skipif(LLAMA_BENCH is None, reason="llama-bench not built or on PATH")
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0"])
+def test_real_llama_bench_loads_and_runs_the_export(gpt2_dir, tmp_path, dtype):
+    path = write_gguf(gpt2_dir, tmp_path / f"m-{dtype}.gguf", dtype)
+    r = subprocess.run([LLAMA_BENCH, "-m", str(path), "-p", "16", "-n", "8", "-r", "1", "-t", "1", "-o", "json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    tests = json.loads(r.stdout)
+    assert {(t["n_prompt"], t["n_gen"]) for t in tests} == {(16, 0), (0, 8)}
+    assert all(t["avg_ts"] > 0 for t in tests)
