@@ -179,31 +179,39 @@ def _shape(folder: Path) -> tuple[int, int]:
 def measure_llama(binary: str, folder: Path, dtype: str, repeats: int = 3, timeout: float = 3600) -> dict:
     """llama.cpp's llama-bench on the GGUF export of `folder` (dtype as kogpt names it): `llama_b1`
     (tg tokens/s), `llama_ttft` (prompt length / pp tokens/s), `llama_format` and llama-bench's build.
-    Any failure (export, exit status, timeout, output) comes back as {"llama_error": reason}."""
+    Any failure (export, exit status, timeout, output) comes back as {"llama_error": reason}.
+
+    If llama-bench is killed by a signal, it is run once more with `--repack 0` (no extra buffer
+    types): ggml's AMX Q8_0 matmul segfaults on some AMX machines (llama.cpp issue #20824), and on
+    x86 the flag changes nothing else for F32/F16/BF16/Q8_0 weights. The row then says so."""
     from .gguf import write_gguf
 
     fmt = _GGUF_DTYPE[dtype]
     prompt, new = _shape(folder)
+    out: dict = {"llama_format": fmt}
     try:
         with tempfile.TemporaryDirectory(prefix="kogpt-gguf-") as tmp:
             path = write_gguf(folder, Path(tmp) / f"model-{fmt}.gguf", fmt, tokenizer=False)
             cmd = [binary, "-m", str(path), "-p", str(prompt), "-n", str(new), "-t", str(torch.get_num_threads()),
                    "-r", str(repeats), "-o", "json"]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            if r.returncode < 0:
+                out["llama_note"] = f"killed by signal {-r.returncode} with default buffers; rerun with --repack 0"
+                r = subprocess.run(cmd + ["--repack", "0"], capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or [""])[-1]
-            return {"llama_format": fmt, "llama_error": f"llama-bench exited {r.returncode}: {last}"[:300]}
+            return {**out, "llama_error": f"llama-bench exited {r.returncode}: {last}"[:300]}
         tests = json.loads(r.stdout)
         pp = next(t for t in tests if t["n_prompt"] == prompt and t["n_gen"] == 0)
         tg = next(t for t in tests if t["n_gen"] == new and t["n_prompt"] == 0)
-        return {"llama_b1": float(tg["avg_ts"]), "llama_ttft": prompt / float(pp["avg_ts"]), "llama_format": fmt,
+        return {**out, "llama_b1": float(tg["avg_ts"]), "llama_ttft": prompt / float(pp["avg_ts"]),
                 "llama_build_commit": tests[0].get("build_commit"), "llama_build_number": tests[0].get("build_number")}
     except subprocess.TimeoutExpired:
-        return {"llama_format": fmt, "llama_error": f"llama-bench timed out after {timeout:.0f} s"}
+        return {**out, "llama_error": f"llama-bench timed out after {timeout:.0f} s"}
     except (OSError, ImportError, UserError, ValueError, KeyError, TypeError, StopIteration, ZeroDivisionError) as e:
         # OSError: binary not runnable; ImportError: no gguf; UserError, ValueError: a failed export or
         # bad JSON; the rest: JSON of an unexpected shape
-        return {"llama_format": fmt, "llama_error": f"{type(e).__name__}: {e}"[:300]}
+        return {**out, "llama_error": f"{type(e).__name__}: {e}"[:300]}
 
 
 def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, peer: bool = True,
@@ -283,6 +291,8 @@ def format_table(rows: list[dict]) -> str:
     if build:
         lines.append(f"llama.cpp: llama-bench build {build['llama_build_number']} ({build['llama_build_commit']}) on the "
                      "GGUF export of the same weights; tg from an empty context, TTFT = prompt tokens / pp tok/s")
+    for fmt, note in dict.fromkeys((r["llama_format"], r["llama_note"]) for r in rows if "llama_note" in r):
+        lines.append(f"llama.cpp {fmt.upper()}: {note}")
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ DTYPES = ("f32", "f16", "bf16", "q8_0")
 _BLOCK = {"ln_1": "attn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output", "ln_2": "ffn_norm",
           "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}
 _TOP = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm", "lm_head": "output"}
-_PLACEHOLDER_MERGE = ("\u0120", "\u0120")  # "Ġ Ġ": llama.cpp needs >= 1 merge, and GGUF has no empty arrays
+_PLACEHOLDER_MERGE = ("\u0120", "\u0120")  # "Ġ Ġ": llama.cpp needs >= 1 merge; gguf-py writes no empty array
 
 
 def gguf_name(name: str) -> str:
