@@ -129,7 +129,7 @@ def _limits(model: GPT, max_length: int | None) -> int:
 
 # -- perplexity ----------------------------------------------------------------------------------
 def read_documents(path: str | os.PathLike) -> list[str]:
-    """The documents of a text file as `kogpt prepare` reads them (kogpt.data): a blank line ends a
+    """The documents of a text file as `kogpt prepare` reads them (kogpt.corpus): a blank line ends a
     document, a file without blank lines holds one per line; lines NFC, stripped, joined by newlines."""
     return ["\n".join(units) for units, _ in document_units(scan(Path(path)))]
 

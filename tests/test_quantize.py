@@ -73,3 +73,25 @@ def test_quantizing_while_reading_equals_quantizing_the_loaded_model(hf_dir):
         assert n == m and a.dtype == b.dtype and torch.equal(a, b), n
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(streamed(ids), whole(ids))
+
+
+@pytest.mark.parametrize("family", ["gpt2"])
+def test_quantization_benchmark_reports_each_dtype_against_fp32(model_dir, tmp_path, capsys):
+    import importlib.util
+    import json
+
+    from conftest import KOREAN_LINES, ROOT
+
+    spec = importlib.util.spec_from_file_location("quant_bench", ROOT / "benchmarks" / "quantization.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data, out = tmp_path / "heldout.txt", tmp_path / "q.json"
+    data.write_text("\n\n".join(KOREAN_LINES), encoding="utf-8")
+    assert bench.main(["--model", str(model_dir), "--data", str(data), "--dtypes", "int8", "--prompts", "4",
+                       "--new-tokens", "6", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows["fp32"]["bpb_change"] == 0 and rows["fp32"]["greedy_identical"] == 1.0
+    assert rows["int8"]["bits_per_byte"] > 0 and 0 <= rows["int8"]["greedy_prefix"] <= 1
+    assert abs(rows["int8"]["bpb_change"]) < 0.05  # random weights: int8 moves bits per byte a little
+    assert "| int8 |" in capsys.readouterr().out
+    assert bench.agreement([[1, 2, 3], [4, 5]], [[1, 2, 9], [4, 5]]) == (0.5, (2 / 3 + 1) / 2)
