@@ -33,6 +33,7 @@ from .steering import PPLMConfig, Steerer, make_bags
 from .tokenizer import StreamDecoder, Tokenizer
 
 DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "int8", "int8-dynamic")
+INT8_NAMES = ("int8", "int8-dynamic")  # int8 linears over a bf16 model
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingConfig)}
@@ -48,7 +49,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         return name
     if name == "auto":
         return None
-    if name in ("int8", "int8-dynamic"):
+    if name in INT8_NAMES:
         return torch.bfloat16
     try:
         return DTYPES[name]
@@ -59,7 +60,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 def load_inference_model(folder: str | os.PathLike, dtype: str | torch.dtype | None = None,
                          device: str | torch.device = "cpu") -> GPT:
     """load_model in the fastest inference layout for `dtype` (see inference_layout)."""
-    if dtype in ("int8", "int8-dynamic"):  # quantized while reading: no float copy of the model
+    if dtype in INT8_NAMES:  # quantized while reading: no float copy of the model
         return load_int8(folder, device, _int8_kernel(dtype, device))
     with unfragmented():  # the layer swaps below free and allocate big blocks too
         return inference_layout(load_model(folder, parse_dtype(dtype), device), dtype)
@@ -79,7 +80,7 @@ def _int8_kernel(dtype: str, device: str | torch.device) -> str:
 def inference_layout(model: torch.nn.Module, dtype: str | torch.dtype | None) -> torch.nn.Module:
     """int8 weights for "int8" (weight-only) and "int8-dynamic" (fbgemm, int8 inputs too); otherwise
     oneDNN-packed linears for bf16/fp16 on CPU, and the model unchanged for fp32."""
-    if dtype in ("int8", "int8-dynamic"):
+    if dtype in INT8_NAMES:
         return quantize_int8(model, kernel=_int8_kernel(dtype, next(model.parameters()).device))
     return pack_linears(model)
 

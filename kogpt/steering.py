@@ -220,7 +220,6 @@ class Steerer:
         self.grad_norms: torch.Tensor | None = None  # (n_layer,) running max, as upstream for BoW
         self.steps = 0
         self.unsteered: torch.Tensor | None = None  # (V,) fp32 next-token logits without steering
-        self.losses: list[float] = []  # bag-of-words loss before the first gradient step of each step
 
     def start(self, cache: KVCache, row: int, max_len: int) -> None:
         """Begin a request in cache row `row` that will hold at most max_len positions."""
@@ -268,12 +267,10 @@ class Steerer:
                 window[:L - cfg.window_length] = 0
             window = window[:, None]  # (L, 1), broadcast over (…, L, hs)
             dk, dv = torch.zeros_like(past_k, dtype=torch.float32), torch.zeros_like(past_v, dtype=torch.float32)
-            for i in range(cfg.num_iterations):
+            for _ in range(cfg.num_iterations):
                 dk_, dv_ = dk.clone().requires_grad_(), dv.clone().requires_grad_()
                 past = _PerturbedPast((past_k.float() + dk_).to(dtype), (past_v.float() + dv_).to(dtype))
-                loss, bow = self.loss(model(tok, past)[0, -1].float(), unsteered, targets)
-                if i == 0:
-                    self.losses.append(bow)
+                loss = self.loss(model(tok, past)[0, -1].float(), unsteered, targets)
                 gk, gv = torch.autograd.grad(loss, (dk_, dv_))
                 gk, gv = gk * window, gv * window
                 norms = (gk.pow(2).sum((1, 2, 3, 4)) + gv.pow(2).sum((1, 2, 3, 4))).sqrt()  # (n_layer,)
@@ -286,8 +283,8 @@ class Steerer:
         cache.k[:, row:row + 1, :, :L] = new_k.to(dtype)
         cache.v[:, row:row + 1, :, :L] = new_v.to(dtype)
 
-    def loss(self, logits: torch.Tensor, unsteered: torch.Tensor, targets: list[list[int]]) -> tuple[torch.Tensor, float]:
-        """(total loss, bag-of-words part) for next-token logits (V,)."""
+    def loss(self, logits: torch.Tensor, unsteered: torch.Tensor, targets: list[list[int]]) -> torch.Tensor:
+        """Bag-of-words loss plus the KL term for next-token logits (V,)."""
         logp = logits.log_softmax(-1)
         bow = sum(-logp[torch.tensor(t, device=logp.device)].logsumexp(0) for t in targets)
         loss = bow
@@ -297,7 +294,7 @@ class Steerer:
             p = logp.exp()
             p = p + SMALL * (p <= SMALL).float().detach()
             loss = loss + self.config.kl_scale * (p * (p / q).log()).sum()
-        return loss, bow.item()
+        return loss
 
     def fuse(self, logits: torch.Tensor) -> torch.Tensor:
         """Next-token logits (V,) whose softmax is p_steered^gm · p_unsteered^(1-gm), renormalized."""

@@ -10,17 +10,19 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from .common import DTYPE_NAMES
 
 NAME = "bench"
 HELP = "benchmark kogpt against transformers on the same weights (table with ratios)"
+DEFAULT_DTYPES = ("fp32", "bf16", "int8", "int8-dynamic")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="model folder to benchmark (default: random weights of --preset's shape)")
     p.add_argument("--preset", default="kogpt2-base-v2", help="shape for random weights (default: kogpt2-base-v2)")
-    p.add_argument("--dtype", action="append", choices=["fp32", "bf16", "fp16", "int8", "int8-dynamic"], default=None,
-                   help="dtypes to measure (repeatable; default: fp32, bf16, int8, int8-dynamic)")
+    p.add_argument("--dtype", action="append", choices=DTYPE_NAMES[1:], default=None,
+                   help=f"dtypes to measure (repeatable; default: {', '.join(DEFAULT_DTYPES)})")
     p.add_argument("--repeats", type=int, default=3, help="repetitions per measure; the median is reported")
     p.add_argument("--no-peer", action="store_true", help="skip transformers (kogpt numbers only)")
     p.add_argument("--llama-bench", default=None, metavar="PATH",
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{folder} is not a model folder (no config.json)")
     else:
         load_config(folder)  # a malformed config.json fails here, in one line
-    rows = bench.run_bench(folder, args.dtype or ["fp32", "bf16", "int8", "int8-dynamic"], args.repeats,
+    rows = bench.run_bench(folder, args.dtype or list(DEFAULT_DTYPES), args.repeats,
                            not args.no_peer, llama_bench=llama_bench)
     print(bench.format_table(rows))
     if args.json:
