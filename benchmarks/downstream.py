@@ -72,6 +72,23 @@ class Baseline:
         return f"tfidf-char{NGRAMS[0]}-{NGRAMS[1]}+{self.kind}({param}={self.reg:g})"
 
 
+def write_split(path: Path, parts: dict[str, list[Example]], out: Path) -> None:
+    """Write each part as OUT/<part><suffix>: the file's header line, then the part's rows verbatim, in the
+    split's order (so `--train OUT/train --eval OUT/heldout` reproduces this run and `kogpt finetune` and
+    `kogpt eval` can use exactly the same rows)."""
+    if path.suffix == ".json":
+        raise UserError(f"{path}: --write-split copies rows of line-based (TSV) files; JSON tasks are not supported")
+    lines = path.read_bytes().split(b"\n")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, examples in parts.items():
+        rows = [lines[int(e.where.rsplit(":", 1)[1]) - 1].removesuffix(b"\r") for e in examples]
+        target = out / f"{name}{path.suffix}"
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(b"\n".join([lines[0].removesuffix(b"\r"), *rows]) + b"\n")
+        tmp.replace(target)
+        print(f"wrote {len(rows)} rows to {target}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Pick the regularization on validation, refit, and score the evaluation set once: a result dict."""
     task = get_task(args.task)
@@ -84,6 +101,8 @@ def run(args: argparse.Namespace) -> dict:
     else:
         train, test = split(train, args.holdout_fraction, args.seed)
         where = f"held-out {args.holdout_fraction:.0%} of {args.train} (seed {args.seed})"
+        if args.write_split:
+            write_split(args.train, {"train": train, "heldout": test}, args.write_split)
     if len(train) < TOO_SMALL:
         print(f"warning: {len(train)} training rows; too few for a meaningful baseline", file=sys.stderr)
     fit_part, val = split(train, args.val_fraction, args.seed + 1)
@@ -111,11 +130,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="read --train as this task's format (e.g. korsts for klue-sts: same labels)")
     p.add_argument("--eval", type=Path, help="evaluation file (default: a held-out split of --train)")
     p.add_argument("--holdout-fraction", type=float, default=0.2, help="held-out share without --eval")
+    p.add_argument("--write-split", type=Path, metavar="DIR",
+                   help="without --eval: also write the split as DIR/train.EXT and DIR/heldout.EXT (rows verbatim)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation share of the training rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare", type=Path, nargs="*", default=[], help="`kogpt eval --output` JSON files to list too")
     p.add_argument("--output", type=Path, help="write the baseline result as JSON")
     args = p.parse_args(argv)
+    if args.write_split and args.eval:
+        p.error("--write-split writes the held-out split; it cannot be combined with --eval")
     for name in ("holdout_fraction", "val_fraction"):
         if not 0 < getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be in (0, 1)")

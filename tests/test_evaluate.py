@@ -251,6 +251,23 @@ def test_tfidf_baseline_learns_separable_data(tmp_path, capsys):
     assert f"trained on 480 rows of {nsmc}; evaluated on held-out 20% of {nsmc} (seed 0)" in out
     res = json.loads((tmp_path / "b.json").read_text(encoding="utf-8"))
     assert res["n"] == 120 and res["metrics"]["accuracy"] > 0.95 and res["model"].startswith("tfidf-char1-3+logreg")
+    # --write-split: the same rows as files, so kogpt finetune / eval can use exactly this split
+    split = tmp_path / "split"
+    assert downstream.main(["--task", "nsmc", "--train", str(nsmc), "--write-split", str(split),
+                            "--output", str(tmp_path / "c.json")]) == 0
+    parts = {n: (split / f"{n}.tsv").read_text(encoding="utf-8").splitlines() for n in ("train", "heldout")}
+    assert all(rows[0] == "id\tdocument\tlabel" for rows in parts.values())
+    assert sorted(parts["train"][1:] + parts["heldout"][1:]) == sorted(r.removesuffix("\n") for r in rows)
+    assert len(parts["heldout"]) == 121
+    capsys.readouterr()
+    assert downstream.main(["--task", "nsmc", "--train", str(split / "train.tsv"), "--eval", str(split / "heldout.tsv"),
+                            "--output", str(tmp_path / "d.json")]) == 0
+    again = json.loads((tmp_path / "d.json").read_text(encoding="utf-8"))
+    assert again["metrics"] == json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))["metrics"]
+    assert again["train_rows"] == 480 and again["n"] == 120
+    with pytest.raises(SystemExit) as exit_:
+        downstream.main(["--task", "nsmc", "--train", str(nsmc), "--eval", str(nsmc), "--write-split", str(split)])
+    assert exit_.value.code == 2
     pairs = [(SENTENCES[i % 8], SENTENCES[i % 8] if i % 2 else SENTENCES[(i + 3) % 8], 5.0 * (i % 2)) for i in range(60)]
     sts = tmp_path / "sts.tsv"
     sts.write_text("genre\tfilename\tyear\tid\tscore\tsentence1\tsentence2\n"
