@@ -27,23 +27,30 @@ def _commands():
             yield importlib.import_module(f"{__name__}.{name}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _names() -> set[str]:
+    return {mod.NAME for mod in _commands()}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given `command`, only that subcommand gets its flags (the others would import
+    their libraries just to describe them: `kogpt generate` need not load the training stack)."""
     parser = argparse.ArgumentParser(
         prog="kogpt", description="Korean GPT toolkit: run, generate, train, evaluate and export.")
     parser.add_argument("--version", action="version", version=f"kogpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for mod in _commands():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
-        mod.add_arguments(p)
+        if command in (None, mod.NAME):
+            mod.add_arguments(p)
         p.set_defaults(run=mod.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["interactive", *argv]  # `python -m kogpt [--model M ...]` is the interactive prompt
+    parser = build_parser(argv[0] if argv[0] in _names() else "")  # `kogpt --help`: no subcommand's flags
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
