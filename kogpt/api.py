@@ -24,7 +24,8 @@ from .checkpoint import (CheckpointError, load_int8, load_model, read_json, reso
                          write_json)
 from .convert import generation_from_hf, generation_to_hf
 from .errors import UserError
-from .generate import generate
+from .compiled_step import CompiledStep
+from .generate import StepFn, decode_step, generate
 from .model import GPT
 from .packing import pack_linears
 from .quantize import fbgemm_available, quantize_int8
@@ -58,8 +59,13 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def load_inference_model(folder: str | os.PathLike, dtype: str | torch.dtype | None = None,
-                         device: str | torch.device = "cpu") -> GPT:
-    """load_model in the fastest inference layout for `dtype` (see inference_layout)."""
+                         device: str | torch.device = "cpu", compile: bool = False) -> GPT:
+    """load_model in the fastest inference layout for `dtype` (see inference_layout); with compile, plain
+    linears that torch.compile can trace (oneDNN-packed and int8 layers are opaque to it)."""
+    if compile:
+        if dtype in INT8_NAMES:
+            raise UserError("--compile works with fp32, bf16 and fp16 weights, not int8")
+        return load_model(folder, parse_dtype(dtype), device)
     if dtype in INT8_NAMES:  # quantized while reading: no float copy of the model
         return load_int8(folder, device, _int8_kernel(dtype, device))
     with unfragmented():  # the layer swaps below free and allocate big blocks too
@@ -152,6 +158,7 @@ class KoGPT:
     def __init__(self, model: GPT, tokenizer: Tokenizer, defaults: GenerationDefaults | None = None,
                  name: str = "kogpt"):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.step_fn: StepFn = decode_step  # the Engine's cached forward (CompiledStep with compile=True)
         self.defaults = defaults or GenerationDefaults.for_family(model.config.family)
         if tokenizer.vocab_size > model.config.vocab_size:  # e.g. added tokens past a 50,000 vocab
             warnings.warn(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -161,16 +168,25 @@ class KoGPT:
     # -- loading and saving --------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
-                        device: str | None = None, dtype: str | torch.dtype | None = None) -> "KoGPT":
-        """Load a model folder or hub id (optionally at a revision) with its tokenizer."""
+                        device: str | None = None, dtype: str | torch.dtype | None = None,
+                        compile: bool = False) -> "KoGPT":
+        """Load a model folder or hub id (optionally at a revision) with its tokenizer.
+
+        compile: decode with a torch.compile'd step (compiled_step.py; CUDA graphs on GPU). On CPU the
+        eager step with oneDNN-packed weights is faster (README, Performance), so it is off by default.
+        """
         folder = resolve(name_or_path, revision)
-        model = load_inference_model(folder, dtype, device or default_device())
+        device = device or default_device()
+        model = load_inference_model(folder, dtype, device, compile=compile)
         tokenizer = Tokenizer.from_dir(folder)  # TokenizerError (a UserError) names the file
         _check_special_ids(model, tokenizer, folder)
         defaults = GenerationDefaults.for_family(model.config.family)
         if (folder / "generation_config.json").exists():
             defaults = _defaults_from(generation_from_hf(read_json(folder / "generation_config.json")))
-        return cls(model, tokenizer, defaults, name=str(name_or_path))
+        gpt = cls(model, tokenizer, defaults, name=str(name_or_path))
+        if compile:
+            gpt.step_fn = CompiledStep(mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
+        return gpt
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write an HF-format folder (config, safetensors, tokenizer, generation config)."""
@@ -256,7 +272,8 @@ class KoGPT:
             rng = torch.Generator(self.model.wte.weight.device).manual_seed(seed)
         eos = [i for i in {self.tokenizer.eos_id} if i is not None]
         events = generate(self.model, encoded, max_new_tokens=[self._budget(len(e), max_new, max_len) for e in encoded],
-                          sampling=sampling, eos_ids=eos, rng=rng, stop=lambda b, tok: rows[b].push(tok), steer=steer)
+                          sampling=sampling, eos_ids=eos, rng=rng, stop=lambda b, tok: rows[b].push(tok), steer=steer,
+                          step_fn=self.step_fn)
         for ev in events:
             row = rows[ev.key]
             if ev.finish:

@@ -80,16 +80,16 @@ def decode_bytes(folder: Path, dtype: str) -> int:
     return (c.n_layer * per_layer + c.vocab_size * c.n_embd) * _BYTES[dtype]
 
 
-def _kogpt(folder: Path, dtype: str):
+def _kogpt(folder: Path, dtype: str, compile: bool = False):
     from .api import load_inference_model
 
-    return load_inference_model(folder, dtype, "cpu")
+    return load_inference_model(folder, dtype, "cpu", compile=compile)
 
 
-def _kogpt_generate(model, ids: torch.Tensor, n: int):
-    from .generate import generate_ids
+def _kogpt_generate(model, ids: torch.Tensor, n: int, step_fn=None):
+    from .generate import decode_step, generate_ids
 
-    return generate_ids(model, ids.tolist(), max_new_tokens=n)
+    return generate_ids(model, ids.tolist(), max_new_tokens=n, step_fn=step_fn or decode_step)
 
 
 def _hf(folder: Path, dtype: str):
@@ -110,8 +110,9 @@ def _time(fn) -> float:
     return time.perf_counter() - t
 
 
-def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True) -> dict:
-    """Decode tokens/s (batch 1 and 8) and time to first token, kogpt and (optionally) transformers."""
+def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True, compile: bool = False) -> dict:
+    """Decode tokens/s (batch 1 and 8) and time to first token, kogpt (with compile: its torch.compile'd
+    decode step, compiled during the warm-up) and (optionally) transformers."""
     from .checkpoint import read_json
 
     cfg = read_json(folder / "config.json")
@@ -120,11 +121,18 @@ def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True)
     g = torch.Generator().manual_seed(0)
     ids1, ids8 = torch.randint(5, vocab, (1, PROMPT), generator=g), torch.randint(5, vocab, (8, PROMPT), generator=g)
     long = torch.randint(5, vocab, (1, min(LONG, ctx - 1)), generator=g)
-    engines = {"kogpt": (_kogpt(folder, dtype), _kogpt_generate)}
+    gen = _kogpt_generate
+    if compile:
+        from .compiled_step import CompiledStep
+
+        step = CompiledStep()
+        gen = lambda model, ids, n: _kogpt_generate(model, ids, n, step)  # noqa: E731
+    engines = {"kogpt": (_kogpt(folder, dtype, compile), gen)}
     if peer and not dtype.startswith("int8"):
         engines["transformers"] = (_hf(folder, dtype), _hf_generate)
-    for model, gen in engines.values():  # warm-up: first calls allocate and pick kernels
+    for model, gen in engines.values():  # warm-up: first calls allocate and pick kernels (and compile)
         gen(model, ids1, 4)
+        gen(model, ids8, 2)
         gen(model, long[:, :64], 1)
     samples: dict[str, dict[str, list[float]]] = {e: {"b1": [], "b8": [], "ttft": []} for e in engines}
     for _ in range(repeats):
@@ -215,9 +223,10 @@ def measure_llama(binary: str, folder: Path, dtype: str, repeats: int = 3, timeo
 
 
 def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, peer: bool = True,
-              log=print, llama_bench: str | None = None) -> list[dict]:
+              log=print, llama_bench: str | None = None, compile: bool = False) -> list[dict]:
     """One row per dtype with kogpt and transformers numbers and their ratios (and llama.cpp's, when
-    `llama_bench` is the path of a llama-bench binary and the model is GPT-2 family)."""
+    `llama_bench` is the path of a llama-bench binary and the model is GPT-2 family); with compile, a
+    second row per float dtype for kogpt's torch.compile'd decode step against the same peer."""
     from .checkpoint import load_config
 
     rows, peer_speed, llama = [], {}, {}
@@ -258,6 +267,15 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
                 row["ratio_llama_b1"] = row["kogpt_b1"] / row["llama_b1"]
                 row["ratio_llama_ttft"] = row["kogpt_ttft"] / row["llama_ttft"]
         rows.append(row)
+        if compile and dtype not in ("int8", "int8-dynamic"):
+            log(f"[{dtype} compiled] decode speed ...")
+            fast = measure_speed(folder, dtype, repeats, peer=False, compile=True)["kogpt"]
+            crow = {**{k: v for k, v in row.items() if not k.startswith(("kogpt_b", "kogpt_ttft", "ratio_", "llama"))},
+                    "compiled": True, **{f"kogpt_{k}": v for k, v in fast.items()}}
+            for k in ("b1", "b8", "ttft", "load_s"):
+                if f"hf_{k}" in crow:
+                    crow[f"ratio_{k}"] = crow[f"kogpt_{k}"] / crow[f"hf_{k}"]
+            rows.append(crow)
     return rows
 
 
@@ -279,7 +297,8 @@ def format_table(rows: list[dict]) -> str:
         roof = f"{r['roofline_b1']:.0f}: {r['kogpt_b1'] / r['roofline_b1']:.0%}"
         if "hf_b1" in r:
             roof += f", {r['hf_b1'] / (r['roofline_b1'] * _BYTES[r['dtype']] / _BYTES[r.get('peer_dtype', r['dtype'])]):.0%}"
-        line = (f"| {r['dtype']}{peer} | {cell('b1', '.1f')} | {roof} | {cell('b8', '.1f')} | {cell('ttft', '.3f')} "
+        name = r["dtype"] + (" compiled" if r.get("compiled") else "")
+        line = (f"| {name}{peer} | {cell('b1', '.1f')} | {roof} | {cell('b8', '.1f')} | {cell('ttft', '.3f')} "
                 f"| {cell('load_s', '.2f')} | {rss:.2f} |")
         if with_llama:
             line += _llama_cells(r)

@@ -237,11 +237,12 @@ def _bind(stop: Callable[[int, int], bool], i: int) -> Callable[[int], bool]:
 
 def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
                  sampling: SamplingConfig = GREEDY, eos_ids: Sequence[int] = (),
-                 rng: torch.Generator | None = None, steer: Sequence[Steerer | None] | None = None) -> list[list[int]]:
+                 rng: torch.Generator | None = None, steer: Sequence[Steerer | None] | None = None,
+                 step_fn: StepFn = decode_step) -> list[list[int]]:
     """The new ids of each prompt (an ending EOS id included, as transformers returns it)."""
     out: list[list[int]] = [[] for _ in prompts]
     for ev in generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, rng=rng,
-                       steer=steer):
+                       steer=steer, step_fn=step_fn):
         if ev.token >= 0:
             out[ev.key].append(ev.token)
     return out

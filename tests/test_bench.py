@@ -17,17 +17,18 @@ def test_bench_reports_kogpt_and_transformers(tmp_path):
 
     make_random_checkpoint(model, "tiny-gpt2")
     r = subprocess.run([sys.executable, "-m", "kogpt", "bench", "--model", str(model), "--dtype", "fp32",
-                        "--dtype", "int8", "--repeats", "1", "--json", str(out)],
+                        "--dtype", "int8", "--repeats", "1", "--compile", "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [row["dtype"] for row in rows] == ["fp32", "int8"]
+    assert [(row["dtype"], row.get("compiled", False)) for row in rows] == [("fp32", False), ("fp32", True),
+                                                                            ("int8", False)]
     for row in rows:
         for k in ("b1", "b8", "ttft", "load_s"):
             assert row[f"kogpt_{k}"] > 0 and row[f"hf_{k}"] > 0 and row[f"ratio_{k}"] > 0
-    assert rows[1]["peer_dtype"] == "fp32"
-    assert rows[0]["bandwidth_gbs"] > 0 and rows[0]["roofline_b1"] * 4 == pytest.approx(rows[1]["roofline_b1"])
-    assert "| fp32 |" in r.stdout and "| int8 vs hf fp32 |" in r.stdout and "GB/s measured read bandwidth" in r.stdout
+    assert rows[2]["peer_dtype"] == "fp32" and rows[1]["hf_b1"] == rows[0]["hf_b1"]  # one peer measurement
+    assert rows[0]["bandwidth_gbs"] > 0 and rows[0]["roofline_b1"] * 4 == pytest.approx(rows[2]["roofline_b1"])
+    assert "| fp32 |" in r.stdout and "| fp32 compiled |" in r.stdout and "| int8 vs hf fp32 |" in r.stdout and "GB/s measured read bandwidth" in r.stdout
 
 
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-gptj"])

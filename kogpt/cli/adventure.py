@@ -26,7 +26,7 @@ QUIT = object()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    add_model_arguments(p, decodes=True)
     g = p.add_argument_group("story")
     g.add_argument("--opening", help="the story's opening text (skips the menu of openings)")
     g.add_argument("--load", metavar="FILE", help="continue a story saved with /save")

@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llama-bench", default=None, metavar="PATH",
                    help="llama.cpp llama-bench binary for the llama.cpp columns (default: llama-bench on PATH)")
     p.add_argument("--no-llama-bench", action="store_true", help="skip llama.cpp even if llama-bench is on PATH")
+    p.add_argument("--compile", action="store_true",
+                   help="add a row per float dtype for the torch.compile'd decode step (compiled during warm-up)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         load_config(folder)  # a malformed config.json fails here, in one line
     rows = bench.run_bench(folder, args.dtype or list(DEFAULT_DTYPES), args.repeats,
-                           not args.no_peer, llama_bench=llama_bench)
+                           not args.no_peer, llama_bench=llama_bench, compile=args.compile)
     print(bench.format_table(rows))
     if args.json:
         result = {"model": str(folder), "rows": rows}

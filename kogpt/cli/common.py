@@ -19,7 +19,8 @@ def default_model() -> str | None:
     return "kogpt-mini" if files("kogpt").joinpath("models/kogpt-mini/config.json").is_file() else None
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, decodes: bool = False) -> None:
+    """--model, --revision, --device, --dtype, --debug; commands that decode text also get --compile."""
     g = p.add_argument_group("model")
     default = default_model()
     g.add_argument("--model", default=default,
@@ -31,6 +32,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: the checkpoint's); int8 = int8 weights with bf16 activations; "
                         "int8-dynamic = int8 weights and inputs (fbgemm: fastest CPU decode, twice int8's memory)")
     g.add_argument("-d", "--debug", action="store_true", help="show token ids, timings and full tracebacks")
+    if decodes:
+        g.add_argument("--compile", action="store_true",
+                       help="decode with a torch.compile'd step (CUDA graphs on GPU; the first tokens wait for the "
+                            "compiler; on CPU the default oneDNN path is faster)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,7 +123,8 @@ def load(args: argparse.Namespace):
         raise UserError("no model given: pass --model with a model folder or a Hugging Face hub id")
     _check_device(args)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    gpt = KoGPT.from_pretrained(args.model, revision=args.revision, device=args.device, dtype=args.dtype)
+    gpt = KoGPT.from_pretrained(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
+                                compile=getattr(args, "compile", False))
     w = gpt.model.wte.weight
     print(f"loaded {args.model}: {gpt.model.config.family}, {gpt.model.config.num_params() / 1e6:.1f}M parameters, "
           f"{str(w.dtype).removeprefix('torch.')} on {w.device}", file=sys.stderr, flush=True)

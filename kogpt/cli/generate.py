@@ -16,7 +16,7 @@ HELP = "continue one or more prompts (non-interactive)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    add_model_arguments(p, decodes=True)
     src = p.add_argument_group("prompts (default: one per line from stdin)")
     src.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     src.add_argument("--prompt-file", type=Path, help="a UTF-8 file with one prompt per line")

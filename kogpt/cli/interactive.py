@@ -15,7 +15,7 @@ GOODBYE = "bye! (안녕히 가세요)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    add_model_arguments(p, decodes=True)
 
 
 def ask(label: str, default, convert, valid, why: str):

@@ -15,7 +15,7 @@ HELP = "serve a model over an OpenAI-compatible HTTP API with a web playground"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    add_model_arguments(p, decodes=True)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     g.add_argument("--port", type=int, default=8000, help="port (default: 8000)")

@@ -26,7 +26,6 @@ from starlette.exceptions import HTTPException
 
 from ..api import KoGPT
 from ..errors import UserError
-from ..generate import decode_step
 from ..steering import TOPICS
 from .chat import ChatTemplate
 from .metrics import Metrics
@@ -41,10 +40,10 @@ log = logging.getLogger("kogpt.serve")
 
 def create_app(gpt: KoGPT, *, max_batch_size: int = 8, max_queue: int = 64, max_tokens_limit: int | None = None,
                api_key: str | None = None, chat_template: ChatTemplate | None = None,
-               max_body_bytes: int = 1 << 20, step_fn=decode_step) -> FastAPI:
+               max_body_bytes: int = 1 << 20, step_fn=None) -> FastAPI:
     """The server for one model; its engine thread starts now and stops with the app's lifespan."""
     metrics = Metrics()
-    scheduler = Scheduler(gpt, max_batch_size, max_queue, metrics, step_fn)
+    scheduler = Scheduler(gpt, max_batch_size, max_queue, metrics, step_fn or gpt.step_fn)
     template = chat_template or ChatTemplate.default()
     ctx = scheduler.max_len
     limit = min(max_tokens_limit or ctx, ctx)
