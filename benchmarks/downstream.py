@@ -78,6 +78,9 @@ def write_split(path: Path, parts: dict[str, list[Example]], out: Path) -> None:
     `kogpt eval` can use exactly the same rows)."""
     if path.suffix == ".json":
         raise UserError(f"{path}: --write-split copies rows of line-based (TSV) files; JSON tasks are not supported")
+    targets = [out / f"{name}{path.suffix}" for name in parts]
+    if any(t.resolve() == path.resolve() for t in targets):
+        raise UserError(f"--write-split {out} would overwrite the input {path}; choose another folder")
     lines = path.read_bytes().split(b"\n")
     out.mkdir(parents=True, exist_ok=True)
     for name, examples in parts.items():

@@ -173,7 +173,7 @@ class KoGPT:
         """Load a model folder or hub id (optionally at a revision) with its tokenizer.
 
         compile: decode with a torch.compile'd step (compiled_step.py; CUDA graphs on GPU). On CPU the
-        eager step with oneDNN-packed weights is faster (README, Performance), so it is off by default.
+        eager step measured faster (README, Speed and memory), so it is off by default.
         """
         folder = resolve(name_or_path, revision)
         device = device or default_device()

@@ -270,9 +270,9 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
         if compile and dtype not in ("int8", "int8-dynamic"):
             log(f"[{dtype} compiled] decode speed ...")
             fast = measure_speed(folder, dtype, repeats, peer=False, compile=True)["kogpt"]
-            crow = {**{k: v for k, v in row.items() if not k.startswith(("kogpt_b", "kogpt_ttft", "ratio_", "llama"))},
+            crow = {**{k: v for k, v in row.items() if k.startswith(("dtype", "hf_", "peer_", "bandwidth", "roofline"))},
                     "compiled": True, **{f"kogpt_{k}": v for k, v in fast.items()}}
-            for k in ("b1", "b8", "ttft", "load_s"):
+            for k in ("b1", "b8", "ttft"):  # load time and RSS: the eager row's (the same weights, unpacked)
                 if f"hf_{k}" in crow:
                     crow[f"ratio_{k}"] = crow[f"kogpt_{k}"] / crow[f"hf_{k}"]
             rows.append(crow)
@@ -289,17 +289,19 @@ def format_table(rows: list[dict]) -> str:
     lines = [head]
     for r in rows:
         def cell(k, fmt):
+            if f"kogpt_{k}" not in r:
+                return "–"
             if f"hf_{k}" not in r:
                 return format(r[f"kogpt_{k}"], fmt)
             return f"{r[f'kogpt_{k}']:{fmt}} / {r[f'hf_{k}']:{fmt}} ({r[f'ratio_{k}']:.2f}×)"
         peer = f" vs hf {r['peer_dtype']}" if r.get("peer_dtype", r["dtype"]) != r["dtype"] else ""
-        rss = r["kogpt_peak_rss_mb"] / max(r["kogpt_weights_mb"], 1e-9)
+        rss = f"{r['kogpt_peak_rss_mb'] / max(r['kogpt_weights_mb'], 1e-9):.2f}" if "kogpt_peak_rss_mb" in r else "–"
         roof = f"{r['roofline_b1']:.0f}: {r['kogpt_b1'] / r['roofline_b1']:.0%}"
         if "hf_b1" in r:
             roof += f", {r['hf_b1'] / (r['roofline_b1'] * _BYTES[r['dtype']] / _BYTES[r.get('peer_dtype', r['dtype'])]):.0%}"
         name = r["dtype"] + (" compiled" if r.get("compiled") else "")
         line = (f"| {name}{peer} | {cell('b1', '.1f')} | {roof} | {cell('b8', '.1f')} | {cell('ttft', '.3f')} "
-                f"| {cell('load_s', '.2f')} | {rss:.2f} |")
+                f"| {cell('load_s', '.2f')} | {rss} |")
         if with_llama:
             line += _llama_cells(r)
         lines.append(line)

@@ -119,8 +119,8 @@ class GPT(nn.Module):
         """cos, sin (B, 1, T, rotary_dim // 2) for positions pos (B, T); None for gpt2."""
         if self.config.family != "gptj":
             return None
-        if not torch.compiler.is_compiling() and (  # compiled steps build the table eagerly first
-                self._rope is None or self._rope[0].device != pos.device
+        if self._rope is None or not torch.compiler.is_compiling() and (  # compiled steps build it eagerly first
+                self._rope[0].device != pos.device
                 or (self._rope[0].is_inference() and not torch.is_inference_mode_enabled())):  # autograd can't save it
             self._rope = rope_table(self.config.n_positions, self.config.rope_dim, pos.device)
         cos, sin = self._rope

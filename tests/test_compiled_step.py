@@ -73,11 +73,26 @@ def test_api_and_cli_compile_switch(model_dir):
                            timeout=300) for extra in ([], ["--compile"])]
     assert outs[0].returncode == 0 and outs[1].returncode == 0, outs[1].stderr
     assert outs[0].stdout == outs[1].stdout and len(outs[0].stdout.strip()) > len("안녕하세요")
+    assert "torch.compile'd decode step" in outs[1].stderr and "torch.compile" not in outs[0].stderr
+
+
+def test_a_compiler_failure_is_one_clear_error(hf_dir):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    model = load_model(hf_dir)
+    with pytest.raises(UserError, match=r"--compile: torch.compile failed .*run without --compile"):
+        run(model, PROMPTS, 3, CompiledStep(backend=broken))
+    cache_user = Engine(model, slots=2, step_fn=CompiledStep())
+    with pytest.raises(ValueError, match=r"rows \[0, n\)"):
+        cache_user.step_fn(model, torch.zeros(1, 1, dtype=torch.long), cache_user.cache, slice(1, 2))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_step_equals_eager_on_gpu(hf_dir):
     model = load_model(hf_dir, device="cuda")
     step = CompiledStep(mode="reduce-overhead")
+    torch._dynamo.utils.counters.clear()
     for _ in range(2):  # the second run replays the recorded graphs
         assert run(model, PROMPTS, 12, step) == generate_ids(model, PROMPTS, max_new_tokens=12)
+    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]  # graphs were recorded, not skipped

@@ -265,6 +265,9 @@ def test_tfidf_baseline_learns_separable_data(tmp_path, capsys):
     again = json.loads((tmp_path / "d.json").read_text(encoding="utf-8"))
     assert again["metrics"] == json.loads((tmp_path / "c.json").read_text(encoding="utf-8"))["metrics"]
     assert again["train_rows"] == 480 and again["n"] == 120
+    own = split / "train.tsv"  # writing the split beside an input named train.tsv would overwrite it
+    assert downstream.main(["--task", "nsmc", "--train", str(own), "--write-split", str(split)]) == 2
+    assert len(own.read_text(encoding="utf-8").splitlines()) == 481
     with pytest.raises(SystemExit) as exit_:
         downstream.main(["--task", "nsmc", "--train", str(nsmc), "--eval", str(nsmc), "--write-split", str(split)])
     assert exit_.value.code == 2

@@ -34,8 +34,8 @@ def add_model_arguments(p: argparse.ArgumentParser, decodes: bool = False) -> No
     g.add_argument("-d", "--debug", action="store_true", help="show token ids, timings and full tracebacks")
     if decodes:
         g.add_argument("--compile", action="store_true",
-                       help="decode with a torch.compile'd step (CUDA graphs on GPU; the first tokens wait for the "
-                            "compiler; on CPU the default oneDNN path is faster)")
+                       help="decode with a torch.compile'd step (meant for GPUs: CUDA graphs; the first tokens wait "
+                            "for the compiler; on CPU the default eager step measured faster)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,11 +123,13 @@ def load(args: argparse.Namespace):
         raise UserError("no model given: pass --model with a model folder or a Hugging Face hub id")
     _check_device(args)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    compile = getattr(args, "compile", False)  # only the commands that decode have --compile
     gpt = KoGPT.from_pretrained(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-                                compile=getattr(args, "compile", False))
+                                compile=compile)
     w = gpt.model.wte.weight
     print(f"loaded {args.model}: {gpt.model.config.family}, {gpt.model.config.num_params() / 1e6:.1f}M parameters, "
-          f"{str(w.dtype).removeprefix('torch.')} on {w.device}", file=sys.stderr, flush=True)
+          f"{str(w.dtype).removeprefix('torch.')} on {w.device}" + (", torch.compile'd decode step" if compile else ""),
+          file=sys.stderr, flush=True)
     return gpt
 
 

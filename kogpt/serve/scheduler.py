@@ -25,7 +25,7 @@ import torch
 
 from ..api import KoGPT, TextStream
 from ..errors import UserError
-from ..generate import Engine, Event, Request, decode_step
+from ..generate import Engine, Event, Request
 from ..sampling import SamplingConfig
 from ..steering import Steerer
 from .metrics import Metrics
@@ -134,13 +134,13 @@ class Scheduler:
     """Runs an Engine of `max_batch_size` rows in a daemon thread; see the module docstring."""
 
     def __init__(self, gpt: KoGPT, max_batch_size: int = 8, max_queue: int = 64, metrics: Metrics | None = None,
-                 step_fn=decode_step):
+                 step_fn=None):
         if max_batch_size < 1 or max_queue < 0:
             raise UserError("max_batch_size must be >= 1 and max_queue >= 0")
         self.gpt, self.max_batch_size, self.max_queue = gpt, max_batch_size, max_queue
         self.metrics = metrics or Metrics()
-        self.step_fn = step_fn
-        self.engine = Engine(gpt.model, max_batch_size, step_fn=step_fn)
+        self.step_fn = step_fn or gpt.step_fn  # decode_step, or the KoGPT's compiled step
+        self.engine = Engine(gpt.model, max_batch_size, step_fn=self.step_fn)
         self.max_len = self.engine.max_len
         self.eos = tuple(i for i in {gpt.tokenizer.eos_id} if i is not None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
