@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pexpect
 import pytest
+from test_cli import default_sigint
 
 from kogpt.adventure import (DEFAULT_OPTIONS, FORMAT_VERSION, OPENINGS, Adventure, SentenceStream, Story, Turn,
                              action_line, build_prompt, load_story, save_story, trim_to_sentence)
@@ -235,7 +236,7 @@ def test_the_tiny_model_plays_and_replays_with_a_seed(model_dir):
 # -- the terminal -------------------------------------------------------------------------------
 def spawn(*args, **kw) -> pexpect.spawn:
     return pexpect.spawn(sys.executable, ["-m", "kogpt", "adventure", *map(str, args)], encoding="utf-8",
-                         timeout=90, dimensions=(50, 400), **kw)
+                         timeout=90, dimensions=(50, 400), preexec_fn=default_sigint, **kw)
 
 
 def prompt(child) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -65,8 +66,15 @@ def test_bad_options_give_one_line_and_exit_2(model_dir, args, msg):
     assert len(errors) == 1 and msg in errors[0] and "Traceback" not in r.stderr
 
 
+def default_sigint() -> None:
+    """Ctrl-C must reach the child even when the suite runs as a background job (whose shell set SIGINT
+    to ignored, which children inherit)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn_repl(model_dir):
-    child = pexpect.spawn(sys.executable, ["-m", "kogpt", "--model", str(model_dir)], encoding="utf-8", timeout=60)
+    child = pexpect.spawn(sys.executable, ["-m", "kogpt", "--model", str(model_dir)], encoding="utf-8", timeout=60,
+                          preexec_fn=default_sigint)
     child.expect_exact("prompt> ")
     return child
 
