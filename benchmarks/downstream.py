@@ -83,9 +83,8 @@ def write_split(path: Path, parts: dict[str, list[Example]], out: Path) -> None:
         raise UserError(f"--write-split {out} would overwrite the input {path}; choose another folder")
     lines = path.read_bytes().split(b"\n")
     out.mkdir(parents=True, exist_ok=True)
-    for name, examples in parts.items():
+    for examples, target in zip(parts.values(), targets):
         rows = [lines[int(e.where.rsplit(":", 1)[1]) - 1].removesuffix(b"\r") for e in examples]
-        target = out / f"{name}{path.suffix}"
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_bytes(b"\n".join([lines[0].removesuffix(b"\r"), *rows]) + b"\n")
         tmp.replace(target)
