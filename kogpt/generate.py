@@ -4,7 +4,8 @@
 stop callback); each `step` prefills queued requests into free rows, samples the next token of every
 active row and runs one batched cached forward. Rows keep their own lengths and positions, so
 prompts of any lengths batch without padding, and a request can join while others decode
-(continuous batching). `generate` runs a fixed set of prompts through an Engine; callers own
+(continuous batching). A request whose own prefill or steering step fails (say, out of memory) ends
+alone with finish "error" and the exception in Event.error; the batch goes on. `generate` runs a fixed set of prompts through an Engine; callers own
 prompt formats, stop strings and detokenizing — this module sees ids only.
 
     for ev in generate(model, [ids], max_new_tokens=32, sampling=GREEDY): print(ev.token)
@@ -51,10 +52,11 @@ class Request:
 class Event:
     key: Any  # Request.key
     token: int  # the new id (-1 when a request ends without one: a zero budget or cancel)
-    finish: str | None = None  # None while the request continues; "stop" (EOS or stop()) or "length"
+    finish: str | None = None  # None while the request continues; "stop" (EOS or stop()), "length" or "error"
     is_eos: bool = False
     logprob: float | None = None  # log p(token) under the model (before sampling processors), if asked
     top: tuple[tuple[int, float], ...] = ()  # the Request.logprobs most likely (id, log p), if asked
+    error: Exception | None = None  # why the request failed (finish "error"); the others go on
 
 
 @dataclass
@@ -117,13 +119,18 @@ class Engine:
         events: list[Event] = []
         self._admit(events)
         self._sample(events)
+        for row, a in list(self.rows.items()):
+            if a.req.steer is not None:  # nudge this row's past before its token goes through
+                try:
+                    a.req.steer.perturb(self.model, self.cache, row, a.history)
+                except Exception as e:  # e.g. out of memory in the backward pass: this request alone fails
+                    self._release(row)
+                    events.append(Event(a.req.key, -1, "error", error=e))
         if self.rows:
             hi = max(self.rows) + 1  # decode rows [0, hi); free rows in between carry a dummy token
             tok = torch.zeros(hi, 1, dtype=torch.long, device=self.cache.k.device)
             for row, a in self.rows.items():
                 tok[row, 0] = a.history[-1]
-                if a.req.steer is not None:  # nudge this row's past before its token goes through
-                    a.req.steer.perturb(self.model, self.cache, row, a.history)
             logits = self.step_fn(self.model, tok, self.cache, slice(0, hi))
             for row, a in self.rows.items():
                 a.logits = logits[row] if a.req.steer is None else a.req.steer.fuse(logits[row])
@@ -140,16 +147,24 @@ class Engine:
             req.max_new_tokens = budget
             row = min(set(range(self.cache.batch_size)) - set(self.rows))
             self.cache.reset(slice(row, row + 1))
-            # a steered request prefills all but its last prompt token: the first new token is steered too
-            prefill = list(req.ids) if req.steer is None else list(req.ids)[:-1]
-            logits = None
-            if prefill:
-                ids = torch.tensor([prefill], dtype=torch.long, device=self.cache.k.device)
-                logits = self.model(ids, self.cache, slice(row, row + 1), last_only=True)[0, -1]
-            if req.steer is not None:
-                req.steer.start(self.cache, row, len(req.ids) + budget)
-                logits = None  # sampled after this step's (steered) forward of the last prompt token
-            self.rows[row] = _Active(req, list(req.ids), logits)
+            try:
+                self.rows[row] = _Active(req, list(req.ids), self._prefill(req, row, budget))
+            except Exception as e:  # e.g. out of memory on a long prompt: this request alone fails
+                self.cache.reset(slice(row, row + 1))
+                events.append(Event(req.key, -1, "error", error=e))
+
+    def _prefill(self, req: Request, row: int, budget: int) -> torch.Tensor | None:
+        """Put the prompt in cache row `row`; the next-token logits, or None if a steered step gives them."""
+        # a steered request prefills all but its last prompt token: the first new token is steered too
+        prefill = list(req.ids) if req.steer is None else list(req.ids)[:-1]
+        logits = None
+        if prefill:
+            ids = torch.tensor([prefill], dtype=torch.long, device=self.cache.k.device)
+            logits = self.model(ids, self.cache, slice(row, row + 1), last_only=True)[0, -1]
+        if req.steer is not None:
+            req.steer.start(self.cache, row, len(req.ids) + budget)
+            logits = None  # sampled after this step's (steered) forward of the last prompt token
+        return logits
 
     def _sample(self, events: list[Event]) -> None:
         groups: dict[tuple, list[int]] = {}  # rows sharing sampling settings and RNG sample together
@@ -228,7 +243,10 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
         engine.submit(Request(p, n, sampling, tuple(eos_ids), rng, None if stop is None else _bind(stop, i), key=i,
                               steer=steers[i]))
     while not engine.idle:
-        yield from engine.step()
+        for ev in engine.step():
+            if ev.error is not None:
+                raise ev.error
+            yield ev
 
 
 def _bind(stop: Callable[[int, int], bool], i: int) -> Callable[[int], bool]:

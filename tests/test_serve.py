@@ -25,6 +25,7 @@ from kogpt.api import KoGPT
 from kogpt.errors import UserError
 from kogpt.generate import decode_step
 from kogpt.serve import ChatTemplate, create_app
+from kogpt.steering import Steerer
 
 
 # -- helpers (test_web.py uses them too) -----------------------------------------------------------
@@ -394,6 +395,23 @@ def test_engine_failure_fails_only_the_open_requests(tiny_dir):
         assert "boom" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
         assert httpx.post(f"{u}/v1/completions", json={"prompt": "안녕", "max_tokens": 4}).status_code == 200
         assert idle(u)
+
+
+def test_a_failing_steered_request_fails_alone(slow_url, monkeypatch):
+    def perturb(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Steerer, "perturb", perturb)
+    body = {"prompt": "안녕", "max_tokens": 40, "temperature": 0, "stream": True}  # 40 steps x 20 ms
+    with httpx.stream("POST", f"{slow_url}/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ") and health(slow_url)["running"] == 1
+        bad = httpx.post(f"{slow_url}/v1/completions", timeout=30,
+                         json={"prompt": "오늘은", "max_tokens": 5, "bow": "sports", "pplm": {"stepsize": 0.5}})
+        assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
+        events = [json.loads(e[6:]) for e in lines if e.startswith("data: {")]
+    assert events[-1]["choices"][0]["finish_reason"] == "length"  # the other stream ran to its end
+    assert wait_for(lambda: idle(slow_url))
 
 
 def test_metrics_and_health(url, client):

@@ -7,7 +7,7 @@ import torch
 
 from kogpt.api import KoGPT
 from kogpt.checkpoint import load_model
-from kogpt.generate import generate_ids
+from kogpt.generate import Engine, Request, generate_ids
 from kogpt.kv_cache import KVCache
 from kogpt.sampling import GREEDY, SamplingConfig
 from kogpt.steering import (TOPICS, BagOfWords, PPLMConfig, Steerer, SteeringError, make_bags, read_words,
@@ -180,6 +180,45 @@ def test_a_steered_row_batched_with_others_equals_its_solo_run(hf_dir):
     shared = mk()
     with pytest.raises(SteeringError, match="one request"):
         generate_ids(model, [a, b], max_new_tokens=4, steer=[shared, shared])
+
+
+class Failing(Steerer):
+    """Fails in its third perturb (think: out of memory in the backward pass), or already in start()."""
+
+    def __init__(self, *a, at_start=False, **kw):
+        super().__init__(*a, **kw)
+        self.at_start, self.calls = at_start, 0
+
+    def start(self, cache, row, max_len):
+        if self.at_start:
+            raise RuntimeError("boom at start")
+        super().start(cache, row, max_len)
+
+    def perturb(self, model, cache, row, history):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("boom")
+        super().perturb(model, cache, row, history)
+
+
+@pytest.mark.parametrize("at_start", [False, True])
+def test_a_failing_steered_request_ends_alone(hf_dir, at_start):
+    model = load_model(hf_dir)
+    bag = BagOfWords("t", [], [(17,), (101, 230)])
+    a, b = [5, 60, 70, 8, 9], [44, 3]
+    solo_b = generate_ids(model, [b], max_new_tokens=10)[0]
+    engine = Engine(model, slots=2)
+    failing = Failing([bag], PPLMConfig(stepsize=0.5), at_start=at_start)
+    engine.submit(Request(b, 10, key="b"))
+    engine.submit(Request(a, 10, key="a", steer=failing))
+    events = [ev for _ in range(20) for ev in engine.step()]
+    (err,) = [ev for ev in events if ev.finish == "error"]
+    assert err.key == "a" and err.token == -1 and "boom" in str(err.error)
+    assert len([ev for ev in events if ev.key == "a"]) == (1 if at_start else 3)  # 2 steered tokens, then the error
+    assert [ev.token for ev in events if ev.key == "b"] == solo_b and engine.idle
+    assert failing.shadow is None and int(engine.cache.lengths.sum()) == 0  # its caches were freed
+    with pytest.raises(RuntimeError, match="boom"):  # generate() hands the error to its caller
+        generate_ids(model, [b, a], max_new_tokens=10, steer=[None, Failing([bag], PPLMConfig(stepsize=0.5))])
 
 
 class Recording(Steerer):

@@ -256,6 +256,10 @@ class Scheduler:
             if seq is None:
                 continue
             job = seq.job
+            if ev.error is not None:  # this request's own prefill or steering failed; the batch goes on
+                log.error("request failed: %s", ev.error, exc_info=ev.error)
+                self._abort(job, ev.error)
+                continue
             if job.first_token is None and ev.token >= 0:
                 job.first_token = now
                 self.metrics.ttft.observe(now - job.submitted)
