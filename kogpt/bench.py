@@ -113,6 +113,7 @@ def _time(fn) -> float:
 def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True, compile: bool = False) -> dict:
     """Decode tokens/s (batch 1 and 8) and time to first token, kogpt (with compile: its torch.compile'd
     decode step, compiled during the warm-up) and (optionally) transformers."""
+    from .api import INT8_NAMES
     from .checkpoint import read_json
 
     cfg = read_json(folder / "config.json")
@@ -128,7 +129,7 @@ def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True,
         step = CompiledStep()
         gen = lambda model, ids, n: _kogpt_generate(model, ids, n, step)  # noqa: E731
     engines = {"kogpt": (_kogpt(folder, dtype, compile), gen)}
-    if peer and not dtype.startswith("int8"):
+    if peer and dtype not in INT8_NAMES:
         engines["transformers"] = (_hf(folder, dtype), _hf_generate)
     for model, gen in engines.values():  # warm-up: first calls allocate and pick kernels (and compile)
         gen(model, ids1, 4)
@@ -227,6 +228,7 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
     """One row per dtype with kogpt and transformers numbers and their ratios (and llama.cpp's, when
     `llama_bench` is the path of a llama-bench binary and the model is GPT-2 family); with compile, a
     second row per float dtype for kogpt's torch.compile'd decode step against the same peer."""
+    from .api import INT8_NAMES
     from .checkpoint import load_config
 
     rows, peer_speed, llama = [], {}, {}
@@ -244,7 +246,7 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
                "bandwidth_gbs": bandwidth, "roofline_b1": bandwidth * 1e9 / decode_bytes(folder, dtype)}
         log(f"[{dtype}] load time and peak RSS ...")
         row.update({f"kogpt_{k}": v for k, v in measure_load(folder, dtype, "kogpt").items()})
-        peer_dtype = "fp32" if dtype.startswith("int8") else dtype  # int8 is compared with transformers fp32
+        peer_dtype = "fp32" if dtype in INT8_NAMES else dtype  # int8 is compared with transformers fp32
         if peer:
             if peer_dtype not in peer_speed:
                 peer_speed[peer_dtype] = measure_speed(folder, peer_dtype, repeats)["transformers"]
@@ -267,7 +269,7 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
                 row["ratio_llama_b1"] = row["kogpt_b1"] / row["llama_b1"]
                 row["ratio_llama_ttft"] = row["kogpt_ttft"] / row["llama_ttft"]
         rows.append(row)
-        if compile and not dtype.startswith("int8"):  # as peer_dtype above: int8 layers are opaque to it
+        if compile and dtype not in INT8_NAMES:  # int8 layers are opaque to torch.compile
             log(f"[{dtype} compiled] decode speed ...")
             fast = measure_speed(folder, dtype, repeats, peer=False, compile=True)["kogpt"]
             crow = {**{k: v for k, v in row.items() if k.startswith(("dtype", "hf_", "peer_", "bandwidth", "roofline"))},
