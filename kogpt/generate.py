@@ -5,8 +5,9 @@ stop callback); each `step` prefills queued requests into free rows, samples the
 active row and runs one batched cached forward. Rows keep their own lengths and positions, so
 prompts of any lengths batch without padding, and a request can join while others decode
 (continuous batching). A request whose own prefill or steering step fails (say, out of memory) ends
-alone with finish "error" and the exception in Event.error; the batch goes on. `generate` runs a fixed set of prompts through an Engine; callers own
-prompt formats, stop strings and detokenizing — this module sees ids only.
+alone with finish "error" and the exception in Event.error; the batch goes on. `generate` runs a
+fixed set of prompts through an Engine and raises such an error; callers own prompt formats, stop
+strings and detokenizing — this module sees ids only.
 
     for ev in generate(model, [ids], max_new_tokens=32, sampling=GREEDY): print(ev.token)
 """
@@ -51,7 +52,7 @@ class Request:
 @dataclass(frozen=True)
 class Event:
     key: Any  # Request.key
-    token: int  # the new id (-1 when a request ends without one: a zero budget or cancel)
+    token: int  # the new id (-1 when a request ends without one: a zero budget, cancel or error)
     finish: str | None = None  # None while the request continues; "stop" (EOS or stop()), "length" or "error"
     is_eos: bool = False
     logprob: float | None = None  # log p(token) under the model (before sampling processors), if asked
