@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -125,3 +126,26 @@ def test_a_command_imports_only_what_it_needs():
         assert r.stdout.strip().splitlines()[-1] == heavy, (args, r.stdout, r.stderr)
     r = kogpt("--help")
     assert r.returncode == 0 and all(c in r.stdout for c in ("generate", "finetune", "train-tokenizer", "serve"))
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "unavailable"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="needs transparent huge pages in madvise mode")
+def test_the_cli_backs_big_tensors_with_huge_pages():
+    """The kogpt process asks PyTorch for 2 MiB pages (THP_MEM_ALLOC_ENABLE); a user's =0 wins."""
+    code = ("import sys, torch\nfrom kogpt.cli import main\nsys.argv = ['kogpt', '--version']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "x = torch.empty(64 << 20, dtype=torch.uint8); x.fill_(1)\n"
+            "print([int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')][0])")
+    def huge_kib(**env):
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env)
+        return int(r.stdout.split()[-1])
+    assert huge_kib() >= 32 << 10  # most of the 64 MiB tensor
+    assert huge_kib(THP_MEM_ALLOC_ENABLE="0") == 0

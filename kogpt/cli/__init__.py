@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from .. import __version__
@@ -47,6 +48,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the process is kogpt's own (`kogpt ...`, `python -m kogpt`), not a caller's
+        # PyTorch backs big CPU tensors with 2 MiB pages: fewer TLB misses while decode streams the weights
+        # (bf16 decode measured 10-15% faster). Read once, at torch's first allocation; =0 turns it off.
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["interactive", *argv]  # `python -m kogpt [--model M ...]` is the interactive prompt
