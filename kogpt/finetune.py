@@ -62,6 +62,8 @@ class FinetuneConfig:
     lr: float = option(5e-5, "peak learning rate (AdamW), decayed by cosine to 0")
     warmup: float = option(0.1, "share of the steps spent warming the learning rate up")
     weight_decay: float = option(0.01, "AdamW weight decay of matrices and embeddings")
+    dropout: float = option(0.1, "share of embeddings, attention weights and residual branches dropped while "
+                                 "training (transformers' GPT-2 default; 0 turns it off)")
     # validation, logging, checkpoints
     eval_every: int = option(0, "validate every N steps (0: ten times over the run)")
     eval_batch_size: int = option(64, "inputs per forward when validating")
@@ -127,6 +129,7 @@ class FinetuneTask:
         else:
             model = Classifier(load_model(self.folder, torch.float32), n)
         model.gpt.config = model.config.replace(pad_token_id=self.pad)
+        model.gpt.set_dropout(cfg.dropout)
         self.model = model.to(env.device)
         return self.model
 
@@ -232,6 +235,8 @@ def _check(fc: FinetuneConfig) -> None:
         raise UserError(f"--warmup must be in [0, 1), got {fc.warmup}")
     if not (math.isfinite(fc.lr) and fc.lr > 0):
         raise UserError(f"--lr must be > 0, got {fc.lr}")
+    if not 0 <= fc.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {fc.dropout}")
     if not (math.isfinite(fc.weight_decay) and fc.weight_decay >= 0):
         raise UserError(f"--weight-decay must be >= 0, got {fc.weight_decay}")
     if not 0 <= fc.seed < 1 << 64:
@@ -262,7 +267,7 @@ def finetune(fc: FinetuneConfig) -> TrainResult:
     cfg = TrainConfig(out=fc.out, init_from=str(ft.folder), resume=fc.resume, batch_size=fc.batch_size,
                       grad_accum=fc.grad_accum, seq_len=fc.seq_len, max_steps=steps, lr=fc.lr, min_lr=0.0,
                       warmup_steps=round(fc.warmup * steps), weight_decay=fc.weight_decay, beta2=0.999,
-                      eval_every=eval_every, save_every=fc.save_every or eval_every, keep_last=fc.keep_last,
+                      dropout=fc.dropout, eval_every=eval_every, save_every=fc.save_every or eval_every, keep_last=fc.keep_last,
                       log_every=fc.log_every, sample_tokens=0, seed=fc.seed, dtype=fc.dtype, device=fc.device,
                       fsdp=fc.fsdp, progress=fc.progress, overwrite=fc.overwrite)
     return train(cfg, ft)

@@ -4,6 +4,8 @@ GPT-2 (KoGPT2): learned positions, sequential residual (ln_1 → attn, ln_2 → 
 tied head. GPT-J (KoGPT): interleaved rotary on the first `rotary_dim` dims of q and k, parallel
 residual from one LayerNorm, bias-free attention, untied lm_head with bias. Both use HF `gelu_new`.
 Parameter names are kogpt's own (`h[i].attn.qkv`, ...); convert.py maps them to and from HF.
+Dropout (HF's embd/attn/resid_pdrop at one rate) is off unless `set_dropout` turns it on for training;
+it is not part of the config and acts only in train mode.
 
     logits = GPT(GPTConfig.preset("tiny-gpt2"))(idx)          # (B, T, vocab_size)
 """
@@ -42,6 +44,7 @@ class Attention(nn.Module):
         self.layer, self.n_head, self.rope_dim = layer, cfg.n_head, cfg.rope_dim
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
+        self.dropout = 0.0
 
     def forward(self, x, rope, mask, causal: bool, cache: KVCache | None):
         B, T, C = x.shape
@@ -54,9 +57,10 @@ class Attention(nn.Module):
             k = apply_rope(k, *rope, self.rope_dim)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, S, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.proj(y)
+        return F.dropout(self.proj(y), p) if p else self.proj(y)
 
 
 class MLP(nn.Module):
@@ -64,9 +68,11 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.n_embd, cfg.mlp_dim)
         self.proj = nn.Linear(cfg.mlp_dim, cfg.n_embd)
+        self.dropout = 0.0
 
     def forward(self, x):
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))  # HF gelu_new
+        y = self.proj(F.gelu(self.fc(x), approximate="tanh"))  # HF gelu_new
+        return F.dropout(y, self.dropout) if self.dropout and self.training else y
 
 
 class Block(nn.Module):
@@ -99,6 +105,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.family == "gptj")
         self.tie_weights()
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.dropout = 0.0
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith("proj.weight"):
@@ -107,6 +114,12 @@ class GPT(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
+
+    def set_dropout(self, p: float) -> None:
+        """Drop this share of the embeddings, attention weights and residual branches in train mode."""
+        for m in self.modules():
+            if isinstance(m, (GPT, Attention, MLP)):
+                m.dropout = p
 
     @staticmethod
     def _init_weights(module):
@@ -142,6 +155,8 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         if self.config.family == "gpt2":
             x = x + self.wpe(pos)
+        if self.dropout and self.training:
+            x = F.dropout(x, self.dropout)
         rope = self.rope(pos)
         for block in self.h:
             x = block(x, rope, mask, causal, cache)

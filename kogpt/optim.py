@@ -55,9 +55,11 @@ def flops_per_token(config, seq_len: int) -> float:
 def measure_peak_flops(dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
                        n: int = 2048, trials: int = 5, seconds: float = 0.2) -> float:
     """FLOP/s of a large square matmul in `dtype` (best of a few trials: shared machines are noisy),
-    the attainable peak that MFU is measured against."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    the attainable peak that MFU is measured against. It leaves the global RNG alone (a resumed run's
+    dropout masks must not move)."""
+    g = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b  # warm up
     best = 0.0

@@ -53,6 +53,7 @@ class LMTask:
         else:
             with self.env.device:
                 self.model = GPT(mcfg)
+        self.model.set_dropout(cfg.dropout)
         return self.model
 
     def wrap(self, model: GPT) -> torch.nn.Module:
@@ -78,6 +79,7 @@ class LMTask:
         """Loss, perplexity and bits per byte on fixed val batches (shared among ranks), loss per source, a sample."""
         n, S = self.cfg.eval_batches, len(self.sources)
         sums = torch.zeros(2, S, dtype=torch.float64, device=self.env.device)  # [loss sum, rows] per source
+        self.model.eval()  # no dropout
         for j in range(self.env.rank, math.ceil(n / self.env.world) * self.env.world, self.env.world):
             starts, src = self.val.starts(min(j, n - 1), self.cfg.batch_size)  # every rank runs as many forwards
             with autocast:
@@ -94,9 +96,10 @@ class LMTask:
         tokens = sum(v["tokens"] for v in val)
         loss = sum(loss_s[i] * v["tokens"] for i, v in zip(seen, val)) / tokens
         bpb = loss * tokens / math.log(2) / sum(v["bytes"] for v in val)
+        sample = _sample(self.model, self.tok, self.cfg, self.env) if self.cfg.sample_tokens else ""
+        self.model.train()
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": bpb,
-                "val_loss_by_source": {self.sources[i]: round(loss_s[i], 4) for i in seen},
-                "sample": _sample(self.model, self.tok, self.cfg, self.env) if self.cfg.sample_tokens else ""}
+                "val_loss_by_source": {self.sources[i]: round(loss_s[i], 4) for i in seen}, "sample": sample}
 
     @staticmethod
     def summary(step: int, m: dict) -> str:

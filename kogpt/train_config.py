@@ -52,6 +52,7 @@ class TrainConfig:
     min_lr: float = _f(-1.0, "learning rate at the end of the cosine decay; negative means lr / 10")
     warmup_steps: int = _f(100, "linear warmup steps before the cosine decay")
     weight_decay: float = _f(0.1, "AdamW weight decay of matmul weights and embeddings (not biases, LayerNorms)")
+    dropout: float = _f(0.0, "share of embeddings, attention weights and residual branches dropped while training")
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 disables")
@@ -149,7 +150,8 @@ def check_config(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 0:
             raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     for name, ok, rule in (("lr", lambda x: x > 0, "> 0"), ("min_lr", lambda x: True, "a number (< 0: lr / 10)"),
-                           ("weight_decay", lambda x: x >= 0, ">= 0"), ("beta1", lambda x: 0 <= x < 1, "in [0, 1)"),
+                           ("weight_decay", lambda x: x >= 0, ">= 0"), ("dropout", lambda x: 0 <= x < 1, "in [0, 1)"),
+                           ("beta1", lambda x: 0 <= x < 1, "in [0, 1)"),
                            ("beta2", lambda x: 0 <= x < 1, "in [0, 1)"), ("grad_clip", lambda x: x >= 0, ">= 0"),
                            ("peak_flops", lambda x: x >= 0, ">= 0")):
         v = getattr(cfg, name)

@@ -199,6 +199,21 @@ def test_resume_continues_exactly(nsmc_run, tmp_path, nsmc_file):
                                 limit=300, resume=True, **TINY))
 
 
+def test_dropout_is_on_while_training_only(tmp_path, review_tokenizer, nsmc_file):
+    lm = lm_folder(tmp_path, "gpt2", review_tokenizer)
+    runs = {p: tmp_path / f"d{p}" for p in (0.0, 0.5)}
+    for p, out in runs.items():
+        finetune(FinetuneConfig(model=str(lm), task="nsmc", train=str(nsmc_file), out=str(out), max_steps=2,
+                                eval_every=2, dropout=p, **TINY))
+    off, on = (log_of(runs[p]) for p in (0.0, 0.5))
+    assert off[0]["loss"] != pytest.approx(on[0]["loss"], rel=1e-3)  # the same batch, masked
+    assert off[-1]["val_loss"] != pytest.approx(on[-1]["val_loss"], rel=1e-6)  # other weights after a step...
+    again = finetune(FinetuneConfig(model=str(lm), task="nsmc", train=str(nsmc_file), out=str(tmp_path / "again"),
+                                    max_steps=2, eval_every=2, dropout=0.5, **TINY))
+    assert again.step == 2 and log_of(tmp_path / "again")[-1]["val_loss"] == on[-1]["val_loss"]  # ...that repeat
+    assert json.loads((runs[0.5] / "config.json").read_text(encoding="utf-8"))["train"]["dropout"] == 0.5
+
+
 # -- kogpt eval with the head -------------------------------------------------------------------------
 def test_eval_uses_the_finetuned_head(nsmc_run, nsmc_file, review_tokenizer, tmp_path, capsys):
     out = tmp_path / "res.json"
@@ -272,6 +287,7 @@ def test_an_earlier_run_is_refused_or_reported(nsmc_run, nsmc_file, tmp_path, ca
     (["--lr", "-1"], ["--lr must be > 0"]),
     (["--epochs", "inf"], ["--epochs must be > 0"]),
     (["--weight-decay", "-0.1"], ["--weight-decay must be >= 0"]),
+    (["--dropout", "1"], ["--dropout must be in [0, 1)"]),
     (["--dtype", "float16"], ["--dtype must be one of"]),
     (["--resume", "--overwrite"], ["not both"]),
 ])
@@ -317,7 +333,7 @@ def test_torchrun_two_processes_match_one(tmp_path, review_tokenizer, nsmc_file)
     lm = lm_folder(tmp_path, "gpt2", review_tokenizer)
     flags = ["finetune", "--model", str(lm), "--task", "nsmc", "--train", str(nsmc_file), "--max-steps", "6",
              "--eval-every", "3", "--batch-size", "8", "--grad-accum", "2", "--lr", "1e-3", "--dtype", "float32",
-             "--log-every", "1", "--no-progress"]
+             "--log-every", "1", "--dropout", "0", "--no-progress"]  # dropout masks depend on the split of a batch
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for out, launcher in ((tmp_path / "one", [sys.executable, "-m", "kogpt"]),
                           (tmp_path / "two", [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import make_hf_model
+
 from kogpt.checkpoint import load_model
 from kogpt.config import GPTConfig
 from kogpt.kv_cache import KVCache
@@ -123,3 +125,31 @@ def test_config_validation():
         GPTConfig(family="gptj", n_embd=32, n_head=4, rotary_dim=9)
     with pytest.raises(ValueError, match="family"):
         GPTConfig(family="llama")
+
+
+def test_dropout_acts_only_in_train_mode(hf_dir, ids):
+    plain, ours = load_model(hf_dir), load_model(hf_dir)
+    ours.set_dropout(0.3)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids), plain(ids), atol=0, rtol=0)
+        ours.train()
+        first, second = ours(ids), ours(ids)
+    assert (first - second).abs().max() > 1e-3  # a fresh mask per call
+    ours.set_dropout(0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), plain(ids), atol=0, rtol=0)
+
+
+def test_gpt2_dropout_matches_transformers_in_train_mode(tmp_path, ids):
+    """Same rate on embeddings, attention weights and both residual branches, drawn in transformers' order."""
+    hf = make_hf_model("gpt2", resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2, attn_implementation="sdpa")
+    hf.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    ours.set_dropout(0.2)
+    torch.manual_seed(5)
+    expected = hf.train()(ids).logits
+    torch.manual_seed(5)
+    got = ours.train()(ids)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    torch.manual_seed(6)
+    assert (ours(ids) - expected).abs().max() > 1e-2  # another seed, other masks

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,22 @@ def test_resume_gives_the_same_next_step_loss(run_a, data_dir, tmp_path):  # noq
     assert [b[s] for s in (4, 5, 6)] == [a[s] for s in (4, 5, 6)]  # exactly
 
 
+def test_dropout_trains_with_masks_validates_without_and_resumes_exactly(data_dir, tmp_path):  # noqa: F811
+    kw = dict(max_steps=4, save_every=2, eval_every=4, sample_tokens=0, dropout=0.5)
+    train(small_config(data_dir, tmp_path / "a", **kw))
+    shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
+    (tmp_path / "b" / "checkpoints" / "step-00000004.pt").unlink()
+    train(small_config(data_dir, tmp_path / "b", resume=True, **kw))
+    assert [losses(tmp_path / "b")[s] for s in (3, 4)] == [losses(tmp_path / "a")[s] for s in (3, 4)]
+    cfg = small_config(data_dir, tmp_path / "c", **kw)
+    task = LMTask(cfg, json.loads((data_dir / "meta.json").read_text()), _env())
+    model = task.start(cfg, task.env, None).train()
+    batch = task.micro_batches(0, 1)[0]
+    assert LMLoss(model)(batch).item() != LMLoss(model)(batch).item()  # masked while training
+    first, second = task.evaluate(LMLoss(model), nullcontext()), task.evaluate(LMLoss(model), nullcontext())
+    assert first["val_loss"] == second["val_loss"] and model.training  # validation without, then back
+
+
 def test_keep_last_deletes_old_checkpoints(data_dir, tmp_path):  # noqa: F811
     train(small_config(data_dir, tmp_path, max_steps=5, save_every=1, keep_last=2, sample_tokens=0))
     assert [p.name for p in checkpoints(tmp_path / "checkpoints")] == ["step-00000004.pt", "step-00000005.pt"]
@@ -242,6 +259,7 @@ def test_run_log_appends_whole_lines(tmp_path):
     (["--lr", "nan"], ["lr must be > 0"]),
     (["--lr", "inf"], ["lr must be > 0"]),
     (["--beta2", "1"], ["beta2 must be in [0, 1)"]),
+    (["--dropout", "1"], ["dropout must be in [0, 1)"]),
     (["--warmup-steps", "-1"], ["warmup_steps must be >= 0"]),
     (["--seed", "-1"], ["seed must be in"]),
     (["--weight", "wiki=inf"], ["--weight wiki=inf", "finite"]),
