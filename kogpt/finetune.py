@@ -267,9 +267,9 @@ def finetune(fc: FinetuneConfig) -> TrainResult:
     cfg = TrainConfig(out=fc.out, init_from=str(ft.folder), resume=fc.resume, batch_size=fc.batch_size,
                       grad_accum=fc.grad_accum, seq_len=fc.seq_len, max_steps=steps, lr=fc.lr, min_lr=0.0,
                       warmup_steps=round(fc.warmup * steps), weight_decay=fc.weight_decay, beta2=0.999,
-                      dropout=fc.dropout, eval_every=eval_every, save_every=fc.save_every or eval_every, keep_last=fc.keep_last,
-                      log_every=fc.log_every, sample_tokens=0, seed=fc.seed, dtype=fc.dtype, device=fc.device,
-                      fsdp=fc.fsdp, progress=fc.progress, overwrite=fc.overwrite)
+                      dropout=fc.dropout, eval_every=eval_every, save_every=fc.save_every or eval_every,
+                      keep_last=fc.keep_last, log_every=fc.log_every, sample_tokens=0, seed=fc.seed,
+                      dtype=fc.dtype, device=fc.device, fsdp=fc.fsdp, progress=fc.progress, overwrite=fc.overwrite)
     return train(cfg, ft)
 
 
