@@ -308,6 +308,18 @@ def test_prepare_flags_are_checked_before_reading(corpus, tok_dir, tmp_path, cap
     assert not (tmp_path / "d").exists()
 
 
+def test_prepare_takes_a_bundled_models_tokenizer_by_name(corpus, tmp_path, capsys):
+    """Continued pretraining of kogpt-mini (`kogpt train --init-from kogpt-mini`) needs its tokenizer."""
+    from kogpt.checkpoint import BUNDLED
+    from kogpt.tokenizer import Tokenizer
+
+    assert main(["prepare", "--input", str(corpus), "--tokenizer", "kogpt-mini", "--out", str(tmp_path / "d"),
+                 "--num-workers", "1", "--no-progress"]) == 0
+    assert read_meta(tmp_path / "d")["tokenizer"]["hash"] == Tokenizer.from_dir(BUNDLED / "kogpt-mini").hash()
+    one_line_error(capsys, ["prepare", "--input", str(corpus), "--tokenizer", "kogpt-nano", "--out",
+                            str(tmp_path / "e"), "--no-progress"], "kogpt-nano")
+
+
 def val_and_train_documents(data: Path) -> tuple[dict[str, list[str]], list[str]]:
     """The documents of a prepared folder, decoded: {source: val documents}, and all training documents."""
     from kogpt.tokenizer import Tokenizer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from ..errors import UserError
 
@@ -14,7 +15,9 @@ HELP = "tokenize a text corpus into train/val token files for `kogpt train`"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
                    help="text files, folders (each sub-folder is a source), globs, or NAME=PATH to name a source")
-    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder (from `kogpt train-tokenizer`)")
+    p.add_argument("--tokenizer", required=True, metavar="DIR",
+                   help="tokenizer folder (from `kogpt train-tokenizer`, or a model folder), or a bundled model's "
+                        "name (kogpt-mini): continued pretraining needs the model's own tokenizer")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder: train.bin, val.bin, meta.json, tokenizer/")
     p.add_argument("--val-fraction", type=float, default=0.005, metavar="F",
                    help="fraction of every source's documents held out for validation (default: 0.005)")
@@ -47,9 +50,13 @@ def parse_weights(specs: list[str]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import BUNDLED, bundled_models
     from ..data import prepare
 
-    meta = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction,
+    tokenizer = args.tokenizer
+    if not Path(tokenizer).is_dir() and tokenizer in bundled_models():
+        tokenizer = BUNDLED / tokenizer
+    meta = prepare(args.input, tokenizer, args.out, val_fraction=args.val_fraction,
                    weights=parse_weights(args.weight), dedup_min_chars=args.dedup_min_chars,
                    num_workers=args.num_workers, show_progress=not args.no_progress)
     print(f"{'source':<24} {'weight':>6} {'train tokens':>13} {'val tokens':>11} {'dup lines':>10}")
