@@ -26,7 +26,8 @@ from .config import GPTConfig
 from .errors import UserError
 from .fileio import FileFormatError, atomic_write, write_json
 from .fileio import read_json as _read_json
-from .convert import ConversionError, config_from_hf, config_to_hf, dtype_from_hf, state_dict_from_hf, state_dict_to_hf
+from .convert import (ConversionError, config_from_hf, config_to_hf, dropout_from_hf, dtype_from_hf, state_dict_from_hf,
+                      state_dict_to_hf)
 from .model import GPT
 from .quantize import Int8Linear, quantize_weight
 
@@ -106,6 +107,11 @@ def load_config(folder: str | os.PathLike, raw: dict | None = None) -> GPTConfig
         return config_from_hf(read_json(path) if raw is None else raw)
     except (ConversionError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def load_dropout(folder: str | os.PathLike) -> float:
+    """The training dropout a model folder's config.json sets, as transformers would read it."""
+    return dropout_from_hf(read_json(Path(folder) / CONFIG_FILE))
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], str]:

@@ -86,6 +86,13 @@ def config_to_hf(cfg: GPTConfig, dtype: torch.dtype | None = None) -> dict:
     return d
 
 
+def dropout_from_hf(d: dict) -> float:
+    """The dropout transformers finetunes this config with: resid_pdrop (kogpt uses one rate for the
+    embeddings, attention and residuals), else the class default (GPT2Config 0.1, GPTJConfig 0.0)."""
+    p = d.get("resid_pdrop", 0.1 if d.get("model_type") == "gpt2" else 0.0)
+    return float(p) if isinstance(p, (int, float)) and 0 <= p < 1 else 0.0
+
+
 def dtype_from_hf(d: dict) -> torch.dtype | None:
     """The dtype a config.json declares (`torch_dtype` or `dtype`), if any."""
     name = d.get("dtype") or d.get("torch_dtype")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_config, load_model, resolve
+from .checkpoint import CheckpointError, load_config, load_dropout, load_model, resolve
 from .classifier import (INPUT_FORMAT, Classifier, Head, build_classifier, frame, is_classifier, load_classifier,
                          outputs, pad_id_for, pad_rows, save_classifier, to_predictions)
 from .config import GPTConfig
@@ -62,8 +62,9 @@ class FinetuneConfig:
     lr: float = option(5e-5, "peak learning rate (AdamW), decayed by cosine to 0")
     warmup: float = option(0.1, "share of the steps spent warming the learning rate up")
     weight_decay: float = option(0.01, "AdamW weight decay of matrices and embeddings")
-    dropout: float = option(0.1, "share of embeddings, attention weights and residual branches dropped while "
-                                 "training (transformers' GPT-2 default; 0 turns it off)")
+    dropout: float = option(-1.0, "share of embeddings, attention weights and residual branches dropped while "
+                                  "training; negative: the model's config.json, as transformers finetunes it "
+                                  "(0.1 for KoGPT2, 0 for kogpt-mini)")
     # validation, logging, checkpoints
     eval_every: int = option(0, "validate every N steps (0: ten times over the run)")
     eval_batch_size: int = option(64, "inputs per forward when validating")
@@ -235,8 +236,8 @@ def _check(fc: FinetuneConfig) -> None:
         raise UserError(f"--warmup must be in [0, 1), got {fc.warmup}")
     if not (math.isfinite(fc.lr) and fc.lr > 0):
         raise UserError(f"--lr must be > 0, got {fc.lr}")
-    if not 0 <= fc.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {fc.dropout}")
+    if not (math.isfinite(fc.dropout) and fc.dropout < 1):
+        raise UserError(f"--dropout must be in [0, 1) (negative: the model's own), got {fc.dropout}")
     if not (math.isfinite(fc.weight_decay) and fc.weight_decay >= 0):
         raise UserError(f"--weight-decay must be >= 0, got {fc.weight_decay}")
     if not 0 <= fc.seed < 1 << 64:
@@ -264,10 +265,11 @@ def finetune(fc: FinetuneConfig) -> TrainResult:
                       seed=fc.seed, eval_batch_size=fc.eval_batch_size)
     steps = fc.max_steps or math.ceil(fc.epochs * len(ft.rows) / (fc.batch_size * fc.grad_accum))
     eval_every = fc.eval_every or math.ceil(steps / 10)
+    dropout = fc.dropout if fc.dropout >= 0 else load_dropout(ft.folder)  # transformers' rule: the config's
     cfg = TrainConfig(out=fc.out, init_from=str(ft.folder), resume=fc.resume, batch_size=fc.batch_size,
                       grad_accum=fc.grad_accum, seq_len=fc.seq_len, max_steps=steps, lr=fc.lr, min_lr=0.0,
                       warmup_steps=round(fc.warmup * steps), weight_decay=fc.weight_decay, beta2=0.999,
-                      dropout=fc.dropout, eval_every=eval_every, save_every=fc.save_every or eval_every,
+                      dropout=dropout, eval_every=eval_every, save_every=fc.save_every or eval_every,
                       keep_last=fc.keep_last, log_every=fc.log_every, sample_tokens=0, seed=fc.seed,
                       dtype=fc.dtype, device=fc.device, fsdp=fc.fsdp, progress=fc.progress, overwrite=fc.overwrite)
     return train(cfg, ft)

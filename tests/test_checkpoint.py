@@ -154,6 +154,27 @@ def test_unsupported_config_is_refused(tmp_path):
         config_from_hf({"model_type": "gpt2", "activation_function": "relu"})
 
 
+def test_finetuning_dropout_follows_the_config_as_transformers_does(tmp_path):
+    """The rate transformers would finetune with: the folder's resid_pdrop, else the class default."""
+    import transformers
+
+    from kogpt.checkpoint import load_dropout
+    from kogpt.config import GPTConfig
+    from kogpt.model import GPT
+
+    for cfg in (transformers.GPT2Config(), transformers.GPTJConfig(), transformers.GPT2Config(resid_pdrop=0.25)):
+        folder = tmp_path / f"{cfg.model_type}-{cfg.resid_pdrop}"
+        cfg.save_pretrained(folder)
+        assert load_dropout(folder) == cfg.resid_pdrop
+        raw = json.loads((folder / "config.json").read_text())
+        del raw["resid_pdrop"]  # a minimal config.json: the class default applies
+        (folder / "config.json").write_text(json.dumps(raw))
+        assert load_dropout(folder) == type(cfg)().resid_pdrop
+    assert {transformers.GPT2Config().resid_pdrop, transformers.GPTJConfig().resid_pdrop} == {0.1, 0.0}
+    save_model(GPT(GPTConfig.preset("tiny-gpt2")), tmp_path / "ours")  # what kogpt saves trains without
+    assert load_dropout(tmp_path / "ours") == 0.0
+
+
 def test_resolve_local_and_bad_names(hf_dir):
     assert resolve(hf_dir) == hf_dir
     with pytest.raises(CheckpointError, match="model folder not found: ./nope"):

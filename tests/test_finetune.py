@@ -71,7 +71,8 @@ def nsmc_run(tmp_path_factory, review_tokenizer, nsmc_file) -> Path:
     """GPT-2: 4 epochs over 360 NSMC rows (40 held out), validating every 9 steps, checkpoints every 18."""
     root = tmp_path_factory.mktemp("nsmc_run")
     finetune(FinetuneConfig(model=str(lm_folder(root, "gpt2", review_tokenizer)), task="nsmc", train=str(nsmc_file),
-                            out=str(root / "run"), epochs=4, eval_every=9, save_every=18, keep_last=10, **TINY))
+                            out=str(root / "run"), epochs=4, eval_every=9, save_every=18, keep_last=10, dropout=0.0,
+                            **TINY))
     return root / "run"
 
 
@@ -189,7 +190,7 @@ def test_resume_continues_exactly(nsmc_run, tmp_path, nsmc_file):
     shutil.copytree(nsmc_run / "model", tmp_path / "model")
     cfg = json.loads((nsmc_run / "config.json").read_text(encoding="utf-8"))["finetune"]
     result = finetune(FinetuneConfig(model=cfg["model"], task="nsmc", train=str(nsmc_file), out=str(tmp_path), epochs=4,
-                                     eval_every=9, save_every=18, keep_last=10, resume=True, **TINY))
+                                     eval_every=9, save_every=18, keep_last=10, dropout=0.0, resume=True, **TINY))
     assert result.step == 90
     a, b = log_of(nsmc_run), log_of(tmp_path)
     assert [r for r in b if r["step"] > 36] and [(r.get("loss"), r.get("val_loss")) for r in a] == [
@@ -199,19 +200,21 @@ def test_resume_continues_exactly(nsmc_run, tmp_path, nsmc_file):
                                 limit=300, resume=True, **TINY))
 
 
-def test_dropout_is_on_while_training_only(tmp_path, review_tokenizer, nsmc_file):
-    lm = lm_folder(tmp_path, "gpt2", review_tokenizer)
-    runs = {p: tmp_path / f"d{p}" for p in (0.0, 0.5)}
-    for p, out in runs.items():
-        finetune(FinetuneConfig(model=str(lm), task="nsmc", train=str(nsmc_file), out=str(out), max_steps=2,
-                                eval_every=2, dropout=p, **TINY))
-    off, on = (log_of(runs[p]) for p in (0.0, 0.5))
-    assert off[0]["loss"] != pytest.approx(on[0]["loss"], rel=1e-3)  # the same batch, masked
-    assert off[-1]["val_loss"] != pytest.approx(on[-1]["val_loss"], rel=1e-6)  # other weights after a step...
-    again = finetune(FinetuneConfig(model=str(lm), task="nsmc", train=str(nsmc_file), out=str(tmp_path / "again"),
-                                    max_steps=2, eval_every=2, dropout=0.5, **TINY))
-    assert again.step == 2 and log_of(tmp_path / "again")[-1]["val_loss"] == on[-1]["val_loss"]  # ...that repeat
-    assert json.loads((runs[0.5] / "config.json").read_text(encoding="utf-8"))["train"]["dropout"] == 0.5
+def test_dropout_follows_the_config_masks_training_and_resumes_exactly(tmp_path, review_tokenizer, nsmc_file):
+    lm = lm_folder(tmp_path, "gpt2", review_tokenizer)  # transformers' GPT2Config: resid_pdrop 0.1
+    kw = dict(model=str(lm), task="nsmc", train=str(nsmc_file), max_steps=4, eval_every=2, keep_last=5, **TINY)
+    finetune(FinetuneConfig(out=str(tmp_path / "on"), **kw))
+    finetune(FinetuneConfig(out=str(tmp_path / "off"), dropout=0.0, **kw))
+    on, off = log_of(tmp_path / "on"), log_of(tmp_path / "off")
+    assert json.loads((tmp_path / "on" / "config.json").read_text(encoding="utf-8"))["train"]["dropout"] == 0.1
+    assert on[0]["loss"] != pytest.approx(off[0]["loss"], rel=1e-3)  # the same batch, masked
+    again = tmp_path / "again"  # resumed at step 2: steps 3-4 draw the same masks
+    (again / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "on" / "checkpoints" / "step-00000002.pt", again / "checkpoints")
+    shutil.copy(tmp_path / "on" / "log.jsonl", again)
+    shutil.copytree(tmp_path / "on" / "model", again / "model")
+    assert finetune(FinetuneConfig(out=str(again), resume=True, **kw)).step == 4
+    assert [(r.get("loss"), r.get("val_loss")) for r in log_of(again)] == [(r.get("loss"), r.get("val_loss")) for r in on]
 
 
 # -- kogpt eval with the head -------------------------------------------------------------------------
