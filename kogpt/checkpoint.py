@@ -52,13 +52,21 @@ class CheckpointError(UserError):
 
 
 # -- resolving a name -------------------------------------------------------------------------
-def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder for `name_or_path`: the folder itself, a bundled model, or a hub snapshot."""
+def local_folder(name_or_path: str | os.PathLike) -> Path | None:
+    """The folder itself, or a bundled model's folder; None when `name_or_path` is neither."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if str(name_or_path) in bundled_models():
         return BUNDLED / str(name_or_path)
+    return None
+
+
+def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder for `name_or_path`: the folder itself, a bundled model, or a hub snapshot."""
+    if (local := local_folder(name_or_path)) is not None:
+        return local
+    path = Path(name_or_path).expanduser()
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the model folder that holds config.json")
     name = str(name_or_path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 from ..errors import UserError
 
@@ -50,13 +49,10 @@ def parse_weights(specs: list[str]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import BUNDLED, bundled_models
+    from ..checkpoint import local_folder
     from ..data import prepare
 
-    tokenizer = args.tokenizer
-    if not Path(tokenizer).is_dir() and tokenizer in bundled_models():
-        tokenizer = BUNDLED / tokenizer
-    meta = prepare(args.input, tokenizer, args.out, val_fraction=args.val_fraction,
+    meta = prepare(args.input, local_folder(args.tokenizer) or args.tokenizer, args.out, val_fraction=args.val_fraction,
                    weights=parse_weights(args.weight), dedup_min_chars=args.dedup_min_chars,
                    num_workers=args.num_workers, show_progress=not args.no_progress)
     print(f"{'source':<24} {'weight':>6} {'train tokens':>13} {'val tokens':>11} {'dup lines':>10}")
