@@ -7,7 +7,9 @@ so machine noise hits both alike; ratios are kogpt / transformers (time ratios: 
 
 Batch-1 decode reads every weight once per token, so it is bounded by memory bandwidth: the table's
 roofline column is the machine's measured read bandwidth (measure_bandwidth) divided by the weight
-bytes a decode step reads, and the share of it each engine reaches.
+bytes a decode step reads, and the share of it each engine reaches. A second table splits kogpt's
+batch-1 step into its linear layers, timed alone (time_linears), and the rest: what kernels bound and
+what the per-token work around them costs.
 
 Given a llama.cpp `llama-bench` binary, GPT-2-family rows also carry llama.cpp's numbers on the GGUF
 export of the same weights (fp32 -> F32, bf16 -> BF16, fp16 -> F16, int8 -> Q8_0): tg (batch-1
@@ -80,6 +82,30 @@ def decode_bytes(folder: Path, dtype: str) -> int:
     return (c.n_layer * per_layer + c.vocab_size * c.n_embd) * _BYTES[dtype]
 
 
+def linear_layers(model) -> list:
+    """The linear layers one decode step runs, in model order, whatever their layout (nn.Linear,
+    oneDNN-packed, int8): every module with in_features and out_features (a tied head counts once
+    more, as the step reads it again)."""
+    return [m for m in model.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
+
+
+def time_linears(model, batch: int, steps: int) -> float:
+    """Seconds that `steps` decode steps spend in their linear layers alone: each layer once per step
+    on a random (batch, 1, in_features) input, back to back. A full step takes this plus the rest
+    (attention, norms, cache writes, sampling, Python)."""
+    layers = linear_layers(model)
+    dtype, device = model.wte.weight.dtype, model.wte.weight.device
+    xs = [torch.randn(batch, 1, m.in_features, dtype=dtype, device=device) for m in layers]
+    with torch.inference_mode():
+        for m, x in zip(layers, xs):  # warm-up: first calls pick kernels
+            m(x)
+        t = time.perf_counter()
+        for _ in range(steps):
+            for m, x in zip(layers, xs):
+                m(x)
+        return time.perf_counter() - t
+
+
 def _kogpt(folder: Path, dtype: str, compile: bool = False):
     from .api import load_inference_model
 
@@ -112,7 +138,8 @@ def _time(fn) -> float:
 
 def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True, compile: bool = False) -> dict:
     """Decode tokens/s (batch 1 and 8) and time to first token, kogpt (with compile: its torch.compile'd
-    decode step, compiled during the warm-up) and (optionally) transformers."""
+    decode step, compiled during the warm-up) and (optionally) transformers; for eager kogpt also
+    linears_b1, the batch-1 tokens/s of its linear layers alone (time_linears)."""
     from .api import INT8_NAMES
     from .checkpoint import read_json
 
@@ -136,11 +163,15 @@ def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True,
         gen(model, ids8, 2)
         gen(model, long[:, :64], 1)
     samples: dict[str, dict[str, list[float]]] = {e: {"b1": [], "b8": [], "ttft": []} for e in engines}
+    if not compile:  # batch-1 tokens/s of the linear layers alone: the step's speed if the rest cost nothing
+        samples["kogpt"]["linears_b1"] = []
     for _ in range(repeats):
         for name, (model, gen) in engines.items():
             samples[name]["b1"].append(new / _time(lambda: gen(model, ids1, new)))
             samples[name]["b8"].append(8 * new / _time(lambda: gen(model, ids8, new)))
             samples[name]["ttft"].append(_time(lambda: gen(model, long, 1)))
+            if "linears_b1" in samples[name]:
+                samples[name]["linears_b1"].append(new / time_linears(model, 1, new))
     return {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
 
 
@@ -191,8 +222,8 @@ def measure_llama(binary: str, folder: Path, dtype: str, repeats: int = 3, timeo
     Any failure (export, exit status, timeout, output) comes back as {"llama_error": reason}.
 
     If llama-bench is killed by a signal, it is run once more with `--repack 0` (no extra buffer
-    types): ggml's AMX Q8_0 matmul segfaults on some AMX machines (llama.cpp issue #20824), and on
-    x86 the flag changes nothing else for F32/F16/BF16/Q8_0 weights. The row then says so."""
+    types): ggml's AMX Q8_0 matmul crashes on some AMX machines (SIGSEGV, llama.cpp issue #20824, or
+    SIGILL), and on x86 the flag changes nothing else for F32/F16/BF16/Q8_0 weights. The row then says so."""
     from .gguf import write_gguf
 
     fmt = _GGUF_DTYPE[dtype]
@@ -316,7 +347,23 @@ def format_table(rows: list[dict]) -> str:
                      "GGUF export of the same weights; tg from an empty context, TTFT = prompt tokens / pp tok/s")
     for fmt, note in dict.fromkeys((r["llama_format"], r["llama_note"]) for r in rows if "llama_note" in r):
         lines.append(f"llama.cpp {fmt.upper()}: {note}")
-    return "\n".join(lines)
+    split = format_step_split(rows)
+    return "\n".join(lines) + ("\n\n" + split if split else "")
+
+
+def format_step_split(rows: list[dict]) -> str:
+    """Markdown table of where kogpt's batch-1 decode step goes: its linear layers (and the read
+    bandwidth they reach) and everything else; the last column is the step's speed if the rest cost nothing."""
+    lines = ["| dtype | b1 step ms | linear layers ms (GB/s) | rest ms | b1 tok/s with the rest at 0 |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if "kogpt_linears_b1" not in r:
+            continue
+        step, lin = 1e3 / r["kogpt_b1"], 1e3 / r["kogpt_linears_b1"]
+        gbs = r["bandwidth_gbs"] / r["roofline_b1"] * r["kogpt_linears_b1"]  # bytes per step × steps/s
+        lines.append(f"| {r['dtype']} | {step:.2f} | {lin:.2f} ({gbs:.1f}) | {step - lin:.2f} "
+                     f"| {r['kogpt_linears_b1']:.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _llama_cells(r: dict) -> str:

@@ -27,6 +27,9 @@ def test_bench_reports_kogpt_and_transformers(tmp_path):
         for k in ("b1", "b8", "ttft", "load_s")[:3 if row.get("compiled") else 4]:  # compiled: no load of its own
             assert row[f"kogpt_{k}"] > 0 and row[f"hf_{k}"] > 0 and row[f"ratio_{k}"] > 0
     assert "kogpt_load_s" not in rows[1] and "kogpt_peak_rss_mb" not in rows[1]
+    assert rows[0]["kogpt_linears_b1"] > 0 and rows[2]["kogpt_linears_b1"] > 0 and "kogpt_linears_b1" not in rows[1]
+    split = r.stdout.split("| rest ms |")[1].splitlines()  # the step split: the eager rows only
+    assert [line.split("|")[1].strip() for line in split[2:4]] == ["fp32", "int8"]
     assert rows[2]["peer_dtype"] == "fp32" and rows[1]["hf_b1"] == rows[0]["hf_b1"]  # one peer measurement
     assert rows[0]["bandwidth_gbs"] > 0 and rows[0]["roofline_b1"] * 4 == pytest.approx(rows[2]["roofline_b1"])
     assert "| fp32 |" in r.stdout and "| fp32 compiled |" in r.stdout and "| int8 vs hf fp32 |" in r.stdout and "GB/s measured read bandwidth" in r.stdout
@@ -43,6 +46,23 @@ def test_decode_bytes_counts_every_linear_weight_once(tmp_path, preset):
     weights = {m.weight.data_ptr(): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
     assert decode_bytes(tmp_path / preset, "fp32") == 4 * sum(w.numel() for w in weights.values())
     assert decode_bytes(tmp_path / preset, "int8") == sum(w.numel() for w in weights.values())
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-gptj"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int8-dynamic"])
+def test_the_step_split_times_every_linear_layer_of_every_layout(tmp_path, preset, dtype, monkeypatch):
+    from kogpt.api import load_inference_model
+    from kogpt.bench import linear_layers, make_random_checkpoint, time_linears
+
+    model = load_inference_model(make_random_checkpoint(tmp_path / preset, preset), dtype)
+    layers = linear_layers(model)
+    assert len(layers) == 4 * model.config.n_layer + 1  # qkv, proj, fc, mlp proj per block; the head
+    assert layers[-1] is model.lm_head and layers[0] is model.h[0].attn.qkv
+    calls = []
+    for m in layers:  # each layer runs once per step, on a batch of one new token per row
+        monkeypatch.setattr(m, "forward", lambda x, m=m, f=m.forward: calls.append((m, tuple(x.shape))) or f(x))
+    assert time_linears(model, batch=3, steps=2) > 0
+    assert calls == [(m, (3, 1, m.in_features)) for m in layers] * 3  # warm-up + 2 steps
 
 
 def test_bench_rejects_a_folder_without_config(tmp_path):
