@@ -96,14 +96,15 @@ def time_linears(model, batch: int, steps: int) -> float:
     layers = linear_layers(model)
     dtype, device = model.wte.weight.dtype, model.wte.weight.device
     xs = [torch.randn(batch, 1, m.in_features, dtype=dtype, device=device) for m in layers]
-    with torch.inference_mode():
-        for m, x in zip(layers, xs):  # warm-up: first calls pick kernels
-            m(x)
-        t = time.perf_counter()
-        for _ in range(steps):
+
+    def run(n: int) -> None:
+        for _ in range(n):
             for m, x in zip(layers, xs):
                 m(x)
-        return time.perf_counter() - t
+
+    with torch.inference_mode():
+        run(1)  # warm-up: first calls pick kernels
+        return _time(lambda: run(steps))
 
 
 def _kogpt(folder: Path, dtype: str, compile: bool = False):
