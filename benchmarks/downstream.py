@@ -24,9 +24,9 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from kogpt.errors import UserError
-from kogpt.evaluate import markdown_table
-from kogpt.tasks import TASKS, Example, Prediction, Task, get_task
-from kogpt.tasks.base import split_examples as split
+from kogpt.evaluation.evaluate import markdown_table
+from kogpt.evaluation.tasks import TASKS, Example, Prediction, Task, get_task
+from kogpt.evaluation.tasks.base import split_examples as split
 
 GRID = {"logreg": [0.25, 1.0, 4.0, 16.0], "ridge": [0.3, 1.0, 3.0, 10.0]}  # C / alpha
 TOO_SMALL = 500  # fewer training rows than this gives no meaningful baseline

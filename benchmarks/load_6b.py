@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from kogpt.config import GPTConfig
-from kogpt.convert import config_to_hf, name_map
+from kogpt.core.config import GPTConfig
+from kogpt.hf.convert import config_to_hf, name_map
 
 _MEASURE = """
 import json, sys, time
@@ -34,7 +34,7 @@ base = status("VmRSS:")
 t = time.perf_counter()
 if which == "kogpt":
     from kogpt.api import load_inference_model
-    from kogpt.generate import generate_ids
+    from kogpt.generation.engine import generate_ids
     model = load_inference_model(folder, "bf16")
     run = lambda ids, n: generate_ids(model, ids.tolist(), max_new_tokens=n)
 else:
@@ -68,7 +68,7 @@ def write_random_checkpoint(folder: Path, layers_per_shard: int = 2, seed: int =
         shard = "other" if layer < 0 else f"{layer // layers_per_shard}"
         shards.setdefault(shard, []).append(ours)
     with torch.device("meta"):
-        from kogpt.model import GPT
+        from kogpt.core.model import GPT
 
         shapes = {n: p.shape for n, p in GPT(cfg).named_parameters()}
     weight_map, total = {}, 0

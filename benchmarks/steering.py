@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from kogpt.api import KoGPT
 from kogpt.errors import UserError
-from kogpt.steering import TOPICS, read_words
+from kogpt.generation.steering import TOPICS, read_words
 
 PROMPTS = ("오늘은", "요즘 사람들은", "그 이야기를 듣고 나는", "이번 주말에", "가장 중요한 것은")
 DEFAULT_TOPICS = ("sports", "economy", "politics", "science", "fantasy")

@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from kogpt.config import GPTConfig
-from kogpt.model import GPT
-from kogpt.optim import flops_per_token, make_optimizer, measure_peak_flops
-from kogpt.loss import LMLoss
-from kogpt.train import LMTask, train_step
+from kogpt.core.config import GPTConfig
+from kogpt.core.model import GPT
+from kogpt.training.optim import flops_per_token, make_optimizer, measure_peak_flops
+from kogpt.training.loss import LMLoss
+from kogpt.training.loop import LMTask, train_step
 
 
 class _HF:  # a plain transformers loop: labels= and the model's own shifted loss

@@ -7,7 +7,8 @@
 __version__ = "0.1.0"
 __all__ = ["KoGPT", "GPTConfig", "Tokenizer", "SamplingConfig"]
 
-_EXPORTS = {"KoGPT": "api", "GPTConfig": "config", "Tokenizer": "tokenizer", "SamplingConfig": "sampling"}
+_EXPORTS = {"KoGPT": "api", "GPTConfig": "core.config", "Tokenizer": "text.tokenizer",
+            "SamplingConfig": "generation.sampling"}
 
 
 def __getattr__(name: str):  # imported on first use, so `kogpt --help` does not wait for torch

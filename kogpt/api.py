@@ -20,18 +20,18 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .checkpoint import (CheckpointError, load_int8, load_model, read_json, resolve, save_model, unfragmented,
+from .hf.checkpoint import (CheckpointError, load_int8, load_model, read_json, resolve, save_model, unfragmented,
                          write_json)
-from .convert import generation_from_hf, generation_to_hf
+from .hf.convert import generation_from_hf, generation_to_hf
 from .errors import UserError
-from .compiled_step import CompiledStep
-from .generate import StepFn, decode_step, generate
-from .model import GPT
-from .packing import pack_linears
-from .quantize import fbgemm_available, quantize_int8
-from .sampling import SamplingConfig
-from .steering import PPLMConfig, Steerer, make_bags
-from .tokenizer import StreamDecoder, Tokenizer
+from .generation.compiled_step import CompiledStep
+from .generation.engine import StepFn, decode_step, generate
+from .core.model import GPT
+from .core.packed import pack_linears
+from .core.int8 import fbgemm_available, quantize_int8
+from .generation.sampling import SamplingConfig
+from .generation.steering import PPLMConfig, Steerer, make_bags
+from .text.tokenizer import StreamDecoder, Tokenizer
 
 DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "int8", "int8-dynamic")
 INT8_NAMES = ("int8", "int8-dynamic")  # int8 linears over a bf16 model
@@ -44,7 +44,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     """torch dtype for 'fp32'/'bf16'/'fp16' (or their long names); None or 'auto' = the checkpoint's.
 
     'int8' is not a dtype of its own: from_pretrained loads bf16 and quantizes the linear layers
-    (weight-only; 'int8-dynamic' also quantizes each layer's input, see kogpt.quantize).
+    (weight-only; 'int8-dynamic' also quantizes each layer's input, see kogpt.core.int8).
     """
     if name is None or isinstance(name, torch.dtype):
         return name

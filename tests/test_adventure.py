@@ -13,7 +13,7 @@ import pexpect
 import pytest
 from test_cli import default_sigint
 
-from kogpt.adventure import (DEFAULT_OPTIONS, FORMAT_VERSION, OPENINGS, Adventure, SentenceStream, Story, Turn,
+from kogpt.apps.adventure import (DEFAULT_OPTIONS, FORMAT_VERSION, OPENINGS, Adventure, SentenceStream, Story, Turn,
                              action_line, build_prompt, load_story, save_story, trim_to_sentence)
 from kogpt.errors import UserError
 

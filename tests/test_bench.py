@@ -13,7 +13,7 @@ import pytest
 def test_bench_reports_kogpt_and_transformers(tmp_path):
     out = tmp_path / "bench.json"
     model = tmp_path / "model"
-    from kogpt.bench import make_random_checkpoint
+    from kogpt.apps.bench import make_random_checkpoint
 
     make_random_checkpoint(model, "tiny-gpt2")
     r = subprocess.run([sys.executable, "-m", "kogpt", "bench", "--model", str(model), "--dtype", "fp32",
@@ -39,8 +39,8 @@ def test_bench_reports_kogpt_and_transformers(tmp_path):
 def test_decode_bytes_counts_every_linear_weight_once(tmp_path, preset):
     import torch
 
-    from kogpt.bench import decode_bytes, make_random_checkpoint
-    from kogpt.checkpoint import load_model
+    from kogpt.apps.bench import decode_bytes, make_random_checkpoint
+    from kogpt.hf.checkpoint import load_model
 
     model = load_model(make_random_checkpoint(tmp_path / preset, preset))
     weights = {m.weight.data_ptr(): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
@@ -52,7 +52,7 @@ def test_decode_bytes_counts_every_linear_weight_once(tmp_path, preset):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int8-dynamic"])
 def test_the_step_split_times_every_linear_layer_of_every_layout(tmp_path, preset, dtype, monkeypatch):
     from kogpt.api import load_inference_model
-    from kogpt.bench import linear_layers, make_random_checkpoint, time_linears
+    from kogpt.apps.bench import linear_layers, make_random_checkpoint, time_linears
 
     model = load_inference_model(make_random_checkpoint(tmp_path / preset, preset), dtype)
     layers = linear_layers(model)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from kogpt.checkpoint import BUNDLED, bundled_models, load_config
-from kogpt.config import GPTConfig
+from kogpt.hf.checkpoint import BUNDLED, bundled_models, load_config
+from kogpt.core.config import GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = BUNDLED / "kogpt-mini"

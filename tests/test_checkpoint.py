@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kogpt.checkpoint import CheckpointError, load_model, resolve, save_model
-from kogpt.convert import config_from_hf
+from kogpt.hf.checkpoint import CheckpointError, load_model, resolve, save_model
+from kogpt.hf.convert import config_from_hf
 
 from conftest import make_hf_model
 
@@ -158,9 +158,9 @@ def test_finetuning_dropout_follows_the_config_as_transformers_does(tmp_path):
     """The rate transformers would finetune with: the folder's resid_pdrop, else the class default."""
     import transformers
 
-    from kogpt.checkpoint import load_dropout
-    from kogpt.config import GPTConfig
-    from kogpt.model import GPT
+    from kogpt.hf.checkpoint import load_dropout
+    from kogpt.core.config import GPTConfig
+    from kogpt.core.model import GPT
 
     for cfg in (transformers.GPT2Config(), transformers.GPTJConfig(), transformers.GPT2Config(resid_pdrop=0.25)):
         folder = tmp_path / f"{cfg.model_type}-{cfg.resid_pdrop}"
@@ -189,7 +189,7 @@ def _run_offline(code: str, home: Path) -> subprocess.CompletedProcess:
 
 
 def test_hub_id_offline_gives_one_clear_error(tmp_path):
-    r = _run_offline("from kogpt.checkpoint import resolve\nresolve('skt/kogpt2-base-v2')", tmp_path)
+    r = _run_offline("from kogpt.hf.checkpoint import resolve\nresolve('skt/kogpt2-base-v2')", tmp_path)
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert "CheckpointError" in last and "hf download skt/kogpt2-base-v2" in last
@@ -204,7 +204,7 @@ def test_hub_id_resolves_from_the_hub_cache(hf_dir, ids, tmp_path):
     refs = snap.parents[1] / "refs"
     refs.mkdir()
     (refs / "main").write_text("a" * 40)
-    code = ("from kogpt.checkpoint import resolve\n"
+    code = ("from kogpt.hf.checkpoint import resolve\n"
             "print(resolve('skt/kogpt2-base-v2'))\nprint(resolve('skt/kogpt2-base-v2', revision='main'))")
     r = _run_offline(code, tmp_path)
     assert r.returncode == 0, r.stderr
@@ -212,7 +212,7 @@ def test_hub_id_resolves_from_the_hub_cache(hf_dir, ids, tmp_path):
 
 
 def test_bundled_model_names_resolve_to_the_package_folder(hf_dir, tmp_path, monkeypatch):
-    import kogpt.checkpoint as ck
+    import kogpt.hf.checkpoint as ck
 
     models = tmp_path / "models"
     (models / "mini").mkdir(parents=True)
@@ -229,18 +229,18 @@ def test_bundled_model_names_resolve_to_the_package_folder(hf_dir, tmp_path, mon
 @pytest.mark.parametrize("chunk", [20, 4096])
 def test_casting_loads_read_through_a_small_buffer(hf_dir, monkeypatch, chunk):
     """A bf16 load of an fp32 file casts through a buffer of _CHUNK_BYTES (odd sizes split rows)."""
-    import kogpt.checkpoint
+    import kogpt.hf.checkpoint
 
     whole = load_model(hf_dir, torch.float32)
-    monkeypatch.setattr(kogpt.checkpoint, "_CHUNK_BYTES", chunk)
+    monkeypatch.setattr(kogpt.hf.checkpoint, "_CHUNK_BYTES", chunk)
     cast = load_model(hf_dir, torch.bfloat16)
     for (n, a), (m, b) in zip(sorted(whole.state_dict().items()), sorted(cast.state_dict().items())):
         assert n == m and b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), n
 
 
 def test_building_on_meta_skips_init_only_inside_the_context():
-    from kogpt.checkpoint import meta_model
-    from kogpt.config import GPTConfig
+    from kogpt.hf.checkpoint import meta_model
+    from kogpt.core.config import GPTConfig
 
     m = meta_model(GPTConfig.preset("tiny-gpt2"))
     assert m.wte.weight.is_meta

@@ -116,12 +116,12 @@ def test_repl_exits_cleanly_on_ctrl_c(model_dir):
 
 def test_a_command_imports_only_what_it_needs():
     """`kogpt generate` starts fast: describing every subcommand would import the training stack
-    (kogpt.train, torch._dynamo: ~2 s); `kogpt --help` lists every command all the same."""
+    (kogpt.training.loop, torch._dynamo: ~2 s); `kogpt --help` lists every command all the same."""
     code = ("import sys\nfrom kogpt.cli import main\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('kogpt.train', 'kogpt.finetune', 'torch._dynamo') if m in sys.modules))")
+            "print(sorted(m for m in ('kogpt.training.loop', 'kogpt.training.finetune', 'torch._dynamo') if m in sys.modules))")
     for args, heavy in [(["generate", "--help"], "[]"), (["--version"], "[]"),
-                        (["finetune", "--help"], "['kogpt.finetune', 'kogpt.train', 'torch._dynamo']")]:
+                        (["finetune", "--help"], "['kogpt.training.finetune', 'kogpt.training.loop', 'torch._dynamo']")]:
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
         assert r.stdout.strip().splitlines()[-1] == heavy, (args, r.stdout, r.stderr)
     r = kogpt("--help")

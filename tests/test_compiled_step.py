@@ -11,10 +11,10 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 from kogpt.api import KoGPT
-from kogpt.checkpoint import load_model
-from kogpt.compiled_step import CompiledStep
+from kogpt.hf.checkpoint import load_model
+from kogpt.generation.compiled_step import CompiledStep
 from kogpt.errors import UserError
-from kogpt.generate import Engine, Request, decode_step, generate, generate_ids
+from kogpt.generation.engine import Engine, Request, decode_step, generate, generate_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = [[1, 5, 9, 3, 7], [2, 7], [4, 4, 4, 4, 4, 4, 4, 4]]

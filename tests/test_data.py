@@ -15,9 +15,9 @@ import pytest
 
 from kogpt.cli import main
 from kogpt.cli.prepare import parse_weights
-from kogpt.corpus import (DataError, Deduper, chars_per_token, find_sources, read_documents, scan, split_documents,
+from kogpt.data.corpus import (DataError, Deduper, chars_per_token, find_sources, read_documents, scan, split_documents,
                           write_training_text)
-from kogpt.data import BatchSampler, load_tokens, prepare, read_meta, token_dtype
+from kogpt.data.tokens import BatchSampler, load_tokens, prepare, read_meta, token_dtype
 from kogpt.errors import UserError
 
 from conftest import ROOT, shared_path
@@ -49,7 +49,7 @@ def split_at(ids: list[int], sep: int) -> list[list[int]]:
 
 
 def make_tokenizer(files, out: Path, vocab_size: int = 1000):
-    from kogpt.tokenizer import train_tokenizer
+    from kogpt.text.tokenizer import train_tokenizer
 
     tok = train_tokenizer([str(f) for f in files], vocab_size, show_progress=False)
     tok.save(out)
@@ -104,7 +104,7 @@ def test_every_source_holds_out_val_documents(data_dir):
 
 
 def test_documents_round_trip_in_nfc_with_eos_between(data_dir, corpus):
-    from kogpt.tokenizer import Tokenizer
+    from kogpt.text.tokenizer import Tokenizer
 
     meta, tok = read_meta(data_dir), Tokenizer.from_dir(data_dir / "tokenizer")
     wiki = next(s for s in meta["sources"] if s["name"] == "wiki")
@@ -121,7 +121,7 @@ def test_documents_round_trip_in_nfc_with_eos_between(data_dir, corpus):
 
 
 def test_duplicate_lines_are_dropped(data_dir):
-    from kogpt.tokenizer import Tokenizer
+    from kogpt.text.tokenizer import Tokenizer
 
     meta, tok = read_meta(data_dir), Tokenizer.from_dir(data_dir / "tokenizer")
     reviews = next(s for s in meta["sources"] if s["name"] == "reviews")
@@ -199,7 +199,7 @@ def test_sampler_rejects_data_shorter_than_a_window():
 
 
 def test_chars_per_token(tok_dir):
-    from kogpt.tokenizer import Tokenizer
+    from kogpt.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tok_dir)
     text = "대한민국은 민주공화국이다."
@@ -213,7 +213,7 @@ def files_of(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["error", "interrupt"])
 def test_a_failed_reprepare_keeps_the_previous_data(corpus, tok_dir, data_dir, tmp_path, monkeypatch, failure):
-    import kogpt.data
+    import kogpt.data.tokens
 
     out = tmp_path / "data"
     shutil.copytree(data_dir, out)
@@ -226,15 +226,15 @@ def test_a_failed_reprepare_keeps_the_previous_data(corpus, tok_dir, data_dir, t
             raise failure
         return real(texts)
 
-    real = kogpt.data._encode
-    monkeypatch.setattr(kogpt.data, "_encode", encode_then_fail)
+    real = kogpt.data.tokens._encode
+    monkeypatch.setattr(kogpt.data.tokens, "_encode", encode_then_fail)
     with pytest.raises(type(failure)):
         prepare([str(corpus)], tok_dir, out, val_fraction=0.1, num_workers=1, show_progress=False)
     assert len(calls) == 2 and files_of(out) == before  # the previous data, whole; no temp files
     meta = read_meta(out)
     assert load_tokens(out, "train", meta).shape[0] == meta["splits"]["train"]["tokens"]
 
-    monkeypatch.setattr(kogpt.data, "_encode", real)
+    monkeypatch.setattr(kogpt.data.tokens, "_encode", real)
     new = prepare([str(corpus)], tok_dir, out, val_fraction=0.1, num_workers=1, show_progress=False)
     assert read_meta(out) == new and new["val_fraction"] == 0.1 and new != meta
     for split in ("train", "val"):
@@ -243,8 +243,8 @@ def test_a_failed_reprepare_keeps_the_previous_data(corpus, tok_dir, data_dir, t
 
 
 def test_csv_fields_past_the_csv_module_limit(tmp_path, monkeypatch):
-    import kogpt.corpus
-    from kogpt.evaluate import read_documents as eval_documents
+    import kogpt.data.corpus
+    from kogpt.evaluation.evaluate import read_documents as eval_documents
 
     long = "가나다라마바사 " * 30_000  # 240k characters: past Python's default 131,072 per field
     path = tmp_path / "long.csv"
@@ -255,7 +255,7 @@ def test_csv_fields_past_the_csv_module_limit(tmp_path, monkeypatch):
     assert eval_documents(path)[0] == f"질문\n{long.strip()}"
 
     old = csv.field_size_limit(1000)  # a field past whatever limit holds: DataError naming file:line
-    monkeypatch.setattr(kogpt.corpus, "_CSV_FIELD_LIMIT", 1000)
+    monkeypatch.setattr(kogpt.data.corpus, "_CSV_FIELD_LIMIT", 1000)
     try:
         with pytest.raises(DataError, match=r"long\.csv:2: unreadable CSV \(field larger than field limit"):
             scan(path)
@@ -310,8 +310,8 @@ def test_prepare_flags_are_checked_before_reading(corpus, tok_dir, tmp_path, cap
 
 def test_prepare_takes_a_bundled_models_tokenizer_by_name(corpus, tmp_path, capsys):
     """Continued pretraining of kogpt-mini (`kogpt train --init-from kogpt-mini`) needs its tokenizer."""
-    from kogpt.checkpoint import BUNDLED
-    from kogpt.tokenizer import Tokenizer
+    from kogpt.hf.checkpoint import BUNDLED
+    from kogpt.text.tokenizer import Tokenizer
 
     assert main(["prepare", "--input", str(corpus), "--tokenizer", "kogpt-mini", "--out", str(tmp_path / "d"),
                  "--num-workers", "1", "--no-progress"]) == 0
@@ -322,7 +322,7 @@ def test_prepare_takes_a_bundled_models_tokenizer_by_name(corpus, tmp_path, caps
 
 def val_and_train_documents(data: Path) -> tuple[dict[str, list[str]], list[str]]:
     """The documents of a prepared folder, decoded: {source: val documents}, and all training documents."""
-    from kogpt.tokenizer import Tokenizer
+    from kogpt.text.tokenizer import Tokenizer
 
     meta, tok = read_meta(data), Tokenizer.from_dir(data / "tokenizer")
     docs: dict = {"train": [], "val": {}}
@@ -339,7 +339,7 @@ def val_and_train_documents(data: Path) -> tuple[dict[str, list[str]], list[str]
 
 
 def test_train_tokenizer_holds_out_what_prepare_holds_out(corpus, tok_dir, tmp_path, capsys, monkeypatch):
-    import kogpt.corpus
+    import kogpt.data.corpus
 
     prepare([str(corpus)], tok_dir, tmp_path / "d", val_fraction=0.05, dedup_min_chars=2, num_workers=1,
             show_progress=False)
@@ -357,15 +357,15 @@ def test_train_tokenizer_holds_out_what_prepare_holds_out(corpus, tok_dir, tmp_p
         seen.append((kw["val_fraction"], kw["dedup_min_chars"]))
         return write_training_text(*args, **kw)
 
-    monkeypatch.setattr(kogpt.corpus, "write_training_text", spy)
+    monkeypatch.setattr(kogpt.data.corpus, "write_training_text", spy)
     assert main(["train-tokenizer", "--input", str(corpus), "--out", str(tmp_path / "tok"), "--vocab-size", "1000",
                  "--val-fraction", "0.05", "--dedup-min-chars", "2", "--no-progress"]) == 0
     assert seen == [(0.05, 2)] and "wiki" in capsys.readouterr().out
 
 
 def test_the_data_pipeline_does_not_import_torch(tok_dir):
-    code = ("import sys, kogpt.data, kogpt.fileio, kogpt.run_log, kogpt.train_config; "
-            f"kogpt.data._init_worker({str(tok_dir)!r}); "
+    code = ("import sys, kogpt.data.tokens, kogpt.fileio, kogpt.training.run_log, kogpt.training.config; "
+            f"kogpt.data.tokens._init_worker({str(tok_dir)!r}); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'safetensors')))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from conftest import KOREAN_LINES, ROOT
 from kogpt.api import KoGPT
 from kogpt.errors import UserError
-from kogpt.evaluate import (continuation_logprobs, evaluate_fewshot, evaluate_perplexity, json_ready,
+from kogpt.evaluation.evaluate import (continuation_logprobs, evaluate_fewshot, evaluate_perplexity, json_ready,
                             markdown_table, sliding_windows)
-from kogpt.metrics import accuracy, f1, macro_f1, pearson, ranks, spearman
-from kogpt.tasks import TASKS, Example
+from kogpt.evaluation.metrics import accuracy, f1, macro_f1, pearson, ranks, spearman
+from kogpt.evaluation.tasks import TASKS, Example
 
 SENTENCES = [line.rstrip(".!?") for line in KOREAN_LINES]
 

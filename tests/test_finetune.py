@@ -15,16 +15,16 @@ import pytest
 import torch
 
 from conftest import ROOT, make_hf_model, shared_path
-from kogpt.classifier import (Classifier, Head, frame, last_non_pad, load_classifier, pad_rows, predict,
+from kogpt.evaluation.classifier import (Classifier, Head, frame, last_non_pad, load_classifier, pad_rows, predict,
                               save_classifier)
 from kogpt.cli import main
 from kogpt.errors import UserError
-from kogpt.finetune import FinetuneConfig, finetune
-from kogpt.model import GPT
-from kogpt.tasks import Example, get_task
-from kogpt.tasks.base import split_examples
-from kogpt.train import _improves
-from kogpt.train_state import checkpoints
+from kogpt.training.finetune import FinetuneConfig, finetune
+from kogpt.core.model import GPT
+from kogpt.evaluation.tasks import Example, get_task
+from kogpt.evaluation.tasks.base import split_examples
+from kogpt.training.loop import _improves
+from kogpt.training.state import checkpoints
 
 TINY = dict(batch_size=16, grad_accum=1, lr=1e-3, eval_batch_size=64, log_every=1, progress=False, device="cpu")
 
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def review_tokenizer(tmp_path_factory):
-    from kogpt.tokenizer import train_tokenizer
+    from kogpt.text.tokenizer import train_tokenizer
 
     lines = shared_path("corpus", "movie_reviews", "naver_movie_reviews_nonbench.txt").read_text(
         encoding="utf-8").splitlines()[:3000]
@@ -98,7 +98,7 @@ def test_classifier_forward_equals_transformers(family, hf_dir, tmp_path, num_la
 def test_saved_classifier_loads_in_transformers_with_the_same_logits(family, hf_dir, korean_tokenizer, tmp_path):
     import transformers
 
-    from kogpt.checkpoint import load_model
+    from kogpt.hf.checkpoint import load_model
 
     model = Classifier(load_model(hf_dir), 7)
     head = Head.for_task(get_task("ynat"), 64)
@@ -136,7 +136,7 @@ def test_framing_follows_kogpt2_subtasks(korean_tokenizer):
 
 def test_pairs_are_scored_as_the_mean_of_both_orders(korean_tokenizer):
     torch.manual_seed(0)
-    from kogpt.config import GPTConfig
+    from kogpt.core.config import GPTConfig
 
     model = Classifier(GPT(GPTConfig.preset("tiny-gpt2").replace(vocab_size=1000, pad_token_id=3)), 1).eval()
     head = Head.for_task(get_task("korsts"), 64)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kogpt.checkpoint import load_model
+from kogpt.hf.checkpoint import load_model
 from kogpt.errors import UserError
-from kogpt.generate import Engine, Request, generate, generate_ids
-from kogpt.sampling import GREEDY, SamplingConfig, sample
+from kogpt.generation.engine import Engine, Request, generate, generate_ids
+from kogpt.generation.sampling import GREEDY, SamplingConfig, sample
 
 EOS = 2
 

@@ -18,9 +18,9 @@ from conftest import KOREAN_LINES, ROOT, make_hf_model
 
 gguf = pytest.importorskip("gguf")
 
-from kogpt.checkpoint import load_model
+from kogpt.hf.checkpoint import load_model
 from kogpt.errors import UserError
-from kogpt.gguf import gguf_name, write_gguf
+from kogpt.hf.gguf import gguf_name, write_gguf
 
 LLAMA_BENCH = next((p for p in (os.environ.get("LLAMA_BENCH"), shutil.which("llama-bench"),
                                  str(ROOT.parent / "llama.cpp-src" / "build" / "bin" / "llama-bench"))
@@ -92,7 +92,7 @@ def test_placeholder_vocabulary_has_vocab_size_unique_tokens(gpt2_dir, tmp_path)
 def test_byte_level_tokenizer_is_exported_by_id(gpt2_dir, tmp_path, files):
     from tokenizers import ByteLevelBPETokenizer
 
-    from kogpt.tokenizer import Tokenizer
+    from kogpt.text.tokenizer import Tokenizer
 
     folder = tmp_path / "model"
     shutil.copytree(gpt2_dir, folder)
@@ -134,7 +134,7 @@ def test_gptj_is_refused(tmp_path):
 
 
 def test_kogpt_imports_without_gguf():
-    code = "import sys, kogpt, kogpt.gguf, kogpt.bench, kogpt.cli.bench; assert 'gguf' not in sys.modules"
+    code = "import sys, kogpt, kogpt.hf.gguf, kogpt.apps.bench, kogpt.cli.bench; assert 'gguf' not in sys.modules"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
 
@@ -170,7 +170,7 @@ def fake_llama(tmp_path, monkeypatch) -> Path:
 
 
 def test_bench_adds_llama_cpp_columns(tmp_path, fake_llama):
-    from kogpt.bench import make_random_checkpoint
+    from kogpt.apps.bench import make_random_checkpoint
 
     model = make_random_checkpoint(tmp_path / "model", "tiny-gpt2")
     out = tmp_path / "bench.json"
@@ -198,7 +198,7 @@ def test_bench_adds_llama_cpp_columns(tmp_path, fake_llama):
 @pytest.mark.parametrize("mode, reason", [("fail", "llama-bench exited 1: error: failed to load model"),
                                           ("garbage", "JSONDecodeError")])
 def test_a_failing_llama_bench_is_noted_in_the_row(gpt2_dir, fake_llama, monkeypatch, mode, reason):
-    from kogpt.bench import format_table, measure_llama
+    from kogpt.apps.bench import format_table, measure_llama
 
     monkeypatch.setenv("FAKE_MODE", mode)
     out = measure_llama(str(fake_llama), gpt2_dir, "bf16", repeats=1)
@@ -210,7 +210,7 @@ def test_a_failing_llama_bench_is_noted_in_the_row(gpt2_dir, fake_llama, monkeyp
 
 
 def test_a_crashing_llama_bench_is_rerun_without_extra_buffers(gpt2_dir, fake_llama, tmp_path, monkeypatch):
-    from kogpt.bench import format_table, measure_llama
+    from kogpt.apps.bench import format_table, measure_llama
 
     monkeypatch.setenv("FAKE_MODE", "crash")
     out = measure_llama(str(fake_llama), gpt2_dir, "int8", repeats=1)
@@ -245,7 +245,7 @@ def test_real_llama_bench_loads_and_runs_the_export(gpt2_dir, tmp_path, dtype):
 
 @pytest.mark.skipif(LLAMA_BENCH is None, reason="llama-bench not built or on PATH")
 def test_real_llama_bench_through_measure_llama(gpt2_dir):
-    from kogpt.bench import measure_llama
+    from kogpt.apps.bench import measure_llama
 
     out = measure_llama(LLAMA_BENCH, gpt2_dir, "int8", repeats=1, timeout=300)
     assert "llama_error" not in out, out
@@ -261,9 +261,9 @@ def test_llama_cpp_greedy_text_equals_kogpt(tmp_path):
     byte-level vocabulary and greedily continues it to the same bytes kogpt generates."""
     from tokenizers import ByteLevelBPETokenizer
 
-    from kogpt.generate import generate_ids
-    from kogpt.gguf import _byte_symbols
-    from kogpt.tokenizer import Tokenizer
+    from kogpt.generation.engine import generate_ids
+    from kogpt.hf.gguf import _byte_symbols
+    from kogpt.text.tokenizer import Tokenizer
 
     folder = tmp_path / "model"
     bpe = ByteLevelBPETokenizer()

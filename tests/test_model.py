@@ -7,10 +7,10 @@ import torch
 
 from conftest import make_hf_model
 
-from kogpt.checkpoint import load_model
-from kogpt.config import GPTConfig
-from kogpt.kv_cache import KVCache
-from kogpt.model import GPT, apply_rope
+from kogpt.hf.checkpoint import load_model
+from kogpt.core.config import GPTConfig
+from kogpt.core.kv_cache import KVCache
+from kogpt.core.model import GPT, apply_rope
 
 ATOL = 1e-4
 

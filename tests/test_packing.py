@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from kogpt.api import KoGPT
-from kogpt.checkpoint import load_model
-from kogpt.packing import PackedLinear, can_pack, pack_linears
+from kogpt.hf.checkpoint import load_model
+from kogpt.core.packed import PackedLinear, can_pack, pack_linears
 
 pytestmark = pytest.mark.skipif(not can_pack("cpu", torch.bfloat16), reason="PyTorch without oneDNN")
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from kogpt.api import KoGPT
-from kogpt.checkpoint import CheckpointError, load_model, save_model
-from kogpt.quantize import Int8Linear, fbgemm_available, quantize_int8
+from kogpt.hf.checkpoint import CheckpointError, load_model, save_model
+from kogpt.core.int8 import Int8Linear, fbgemm_available, quantize_int8
 
 KERNELS = ["int8pack", pytest.param("fbgemm", marks=pytest.mark.skipif(not fbgemm_available(), reason="no fbgemm"))]
 
@@ -63,7 +63,7 @@ def test_dtype_int8_through_the_api(model_dir, tmp_path, dtype, kernel):
 @torch.no_grad()
 def test_quantizing_while_reading_equals_quantizing_the_loaded_model(hf_dir):
     """load_int8 never builds the float model, yet gives exactly the model quantize_int8 makes from it."""
-    from kogpt.checkpoint import load_int8
+    from kogpt.hf.checkpoint import load_int8
 
     streamed = load_int8(hf_dir)
     whole = quantize_int8(load_model(hf_dir, torch.bfloat16))

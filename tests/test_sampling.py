@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers.generation.logits_process as hf
 
-from kogpt import sampling as S
+from kogpt.generation import sampling as S
 from kogpt.errors import UserError
 
 

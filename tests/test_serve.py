@@ -23,9 +23,9 @@ import uvicorn
 from conftest import KOREAN_LINES, make_hf_model
 from kogpt.api import KoGPT
 from kogpt.errors import UserError
-from kogpt.generate import decode_step
+from kogpt.generation.engine import decode_step
 from kogpt.serve import ChatTemplate, create_app
-from kogpt.steering import Steerer
+from kogpt.generation.steering import Steerer
 
 
 # -- helpers (test_web.py uses them too) -----------------------------------------------------------

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from kogpt.api import KoGPT
-from kogpt.checkpoint import load_model
-from kogpt.generate import Engine, Request, generate_ids
-from kogpt.kv_cache import KVCache
-from kogpt.sampling import GREEDY, SamplingConfig
-from kogpt.steering import (TOPICS, BagOfWords, PPLMConfig, Steerer, SteeringError, make_bags, read_words,
+from kogpt.hf.checkpoint import load_model
+from kogpt.generation.engine import Engine, Request, generate_ids
+from kogpt.core.kv_cache import KVCache
+from kogpt.generation.sampling import GREEDY, SamplingConfig
+from kogpt.generation.steering import (TOPICS, BagOfWords, PPLMConfig, Steerer, SteeringError, make_bags, read_words,
                             topics, word_sequences)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,7 +91,7 @@ def test_several_bow_flags_are_several_bags(tmp_path):
 
 # -- the algorithm ------------------------------------------------------------------------------
 def reference(model, prompt, n, bow_ids, cfg, penalty=1.0):
-    """Upstream run_pplm.py's loop for one prompt, greedy, written independently of kogpt.steering:
+    """Upstream run_pplm.py's loop for one prompt, greedy, written independently of kogpt.generation.steering:
     unsteered logits by full recompute of the unperturbed text; the past perturbed by normalized
     gradient steps and kept; the next token from p^gm · q^(1-gm). Single-token bag words."""
 

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import shared_path
 from kogpt.errors import UserError
-from kogpt.tasks import TASKS, Example, get_task
-from kogpt.tasks.base import read_json_list
+from kogpt.evaluation.tasks import TASKS, Example, get_task
+from kogpt.evaluation.tasks.base import read_json_list
 
 NSMC_HEADER = "id\tdocument\tlabel\n"
 YNAT_HEADER = "guid\ttitle\tlabel\tlabel_text\tlabel_source\n"

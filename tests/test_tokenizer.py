@@ -1,4 +1,4 @@
-"""Tests for kogpt.tokenizer: real KoGPT2 parity, loading, HF export, training, round trips, streaming."""
+"""Tests for kogpt.text.tokenizer: real KoGPT2 parity, loading, HF export, training, round trips, streaming."""
 
 import itertools
 import json
@@ -10,7 +10,7 @@ import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kogpt.tokenizer import TokenizerError, EMOTICONS, SPECIAL_TOKENS, StreamDecoder, Tokenizer, train_tokenizer
+from kogpt.text.tokenizer import TokenizerError, EMOTICONS, SPECIAL_TOKENS, StreamDecoder, Tokenizer, train_tokenizer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 KOGPT2 = DATA / "tokenizer" / "kogpt2-v1"

@@ -17,15 +17,15 @@ import pytest
 import torch
 
 from kogpt.cli import main
-from kogpt.config import GPTConfig
+from kogpt.core.config import GPTConfig
 from kogpt.errors import UserError
-from kogpt.model import GPT
-from kogpt.optim import flops_per_token, lr_at, param_groups
-from kogpt.loss import LMLoss, linear_cross_entropy
-from kogpt.run_log import RunLog, read_log
-from kogpt.train import LMTask, train
-from kogpt.train_config import TrainConfig, load_config
-from kogpt.train_state import checkpoints
+from kogpt.core.model import GPT
+from kogpt.training.optim import flops_per_token, lr_at, param_groups
+from kogpt.training.loss import LMLoss, linear_cross_entropy
+from kogpt.training.run_log import RunLog, read_log
+from kogpt.training.loop import LMTask, train
+from kogpt.training.config import TrainConfig, load_config
+from kogpt.training.state import checkpoints
 
 from test_data import corpus, data_dir, make_tokenizer, tok_dir  # noqa: F401  (session fixtures: a prepared two-source corpus)
 
@@ -123,7 +123,7 @@ def test_overfits_one_batch(data_dir, tmp_path):  # noqa: F811
 
 
 def _env():
-    from kogpt.train import setup_env
+    from kogpt.training.loop import setup_env
 
     return setup_env("cpu")
 
@@ -296,9 +296,9 @@ def test_bad_train_devices_configs_and_outs(data_dir, tmp_path, capsys):  # noqa
 
 
 def test_training_sample_follows_the_start_token_rule(data_dir, monkeypatch):  # noqa: F811
-    import kogpt.generate
-    from kogpt.pretrain import _sample
-    from kogpt.tokenizer import Tokenizer
+    import kogpt.generation.engine
+    from kogpt.training.pretrain import _sample
+    from kogpt.text.tokenizer import Tokenizer
 
     prompts = []
 
@@ -306,7 +306,7 @@ def test_training_sample_follows_the_start_token_rule(data_dir, monkeypatch):  #
         prompts.append((ps[0], kw["eos_ids"]))
         return [[]]
 
-    monkeypatch.setattr(kogpt.generate, "generate_ids", fake_generate)
+    monkeypatch.setattr(kogpt.generation.engine, "generate_ids", fake_generate)
     model, env, cfg = GPT(GPTConfig.preset("tiny-gpt2")), _env(), TrainConfig(sample_prompt="대한민국은")
     folder = data_dir / "tokenizer"
     for tok in (Tokenizer.from_dir(folder), Tokenizer.from_dir(folder, bos_token="<s>"),
@@ -322,7 +322,7 @@ def test_training_sample_follows_the_start_token_rule(data_dir, monkeypatch):  #
 def test_final_folder_loads_in_transformers_with_the_same_logits(run_a):
     import transformers
 
-    from kogpt.checkpoint import load_model
+    from kogpt.hf.checkpoint import load_model
 
     folder = run_a / "model"
     ours = load_model(folder)
@@ -378,7 +378,7 @@ def test_lm_loss_under_bf16_autocast_matches_the_plain_autocast_path():
 # so a test can kill the process mid-save; the product code has no test hook for it
 PAUSING_SAVES = """
 import sys, time
-import kogpt.train_state as ts
+import kogpt.training.state as ts
 from kogpt.cli import main
 
 real = ts.atomic_write
@@ -495,7 +495,7 @@ def test_bad_inputs_give_one_line_errors(data_dir, tok_dir, run_a, tmp_path):  #
     _one_line_error(kogpt("train", "--config", str(tmp_path / "typo.toml")), "unknown key 'max_step'",
                     "did you mean 'max_steps'")
     small = GPT(GPTConfig.preset("tiny-gpt2").replace(vocab_size=500))
-    from kogpt.checkpoint import save_model
+    from kogpt.hf.checkpoint import save_model
 
     save_model(small, tmp_path / "small")
     _one_line_error(kogpt("train", "--data", str(data_dir), "--init-from", str(tmp_path / "small"),

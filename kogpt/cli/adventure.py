@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adventure import DEFAULT_OPTIONS, Adventure, Story, load_story
+    from ..apps.adventure import DEFAULT_OPTIONS, Adventure, Story, load_story
 
     check_sampling_options(args)  # bad options fail before the model loads
     if args.max_length is not None:
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.load:
         load_story(args.load)  # a bad save file fails before the model loads
     if args.genre:
-        from ..steering import read_words
+        from ..generation.steering import read_words
 
         read_words(args.genre)  # an unknown topic or missing file too
     gpt = load(args)
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
 def choose_opening() -> str:
     """Ask for a bundled opening by number, or an opening of the player's own."""
-    from ..adventure import OPENINGS
+    from ..apps.adventure import OPENINGS
 
     print("choose an opening (이야기를 고르세요):")
     for i, (title, _) in enumerate(OPENINGS, 1):
@@ -142,7 +142,7 @@ def command(game, line: str):
         if arg.lower() in ("off", "none"):
             game.genre = None
         elif arg:
-            from ..steering import read_words
+            from ..generation.steering import read_words
 
             try:
                 read_words(arg)
@@ -178,7 +178,7 @@ def _load(game, path: str) -> None:
 
 def _loaded(game, path: str, d: dict) -> None:
     """Say what was loaded and show where the story stands."""
-    from ..adventure import turn_text
+    from ..apps.adventure import turn_text
 
     other = f", saved with model {d['model']}" if d.get("model") and d["model"] != game.gpt.name else ""
     if d.get("dropped_genre"):

@@ -34,10 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import bench
+    from ..apps import bench
 
-    from ..checkpoint import load_config
-    from ..config import PRESETS
+    from ..hf.checkpoint import load_config
+    from ..core.config import PRESETS
 
     if args.repeats < 1:
         raise UserError("--repeats must be >= 1")

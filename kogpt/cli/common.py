@@ -55,7 +55,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 PPLM_FLAGS = {"stepsize": float, "num_iterations": int, "kl_scale": float, "gm_scale": float, "gamma": float,
-              "window_length": int, "grad_length": int}  # kogpt.steering.PPLMConfig fields
+              "window_length": int, "grad_length": int}  # kogpt.generation.steering.PPLMConfig fields
 
 
 def add_steering_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,14 +64,14 @@ def add_steering_arguments(p: argparse.ArgumentParser) -> None:
                    help="steer toward a bundled topic (sports 스포츠, economy 경제, politics 정치, science 과학, "
                         "fantasy 판타지, horror 공포, mystery 추리, space 우주) or a word-list file (repeatable)")
     g.add_argument("--bow-words", default=None, metavar="W1,W2,...", help="steer toward these comma-separated words")
-    for name, kind in PPLM_FLAGS.items():  # defaults: upstream PPLM's (kogpt.steering.PPLMConfig, README)
+    for name, kind in PPLM_FLAGS.items():  # defaults: upstream PPLM's (kogpt.generation.steering.PPLMConfig, README)
         g.add_argument(f"--pplm-{name.replace('_', '-')}", type=kind, default=None, metavar="N" if kind is int else "X",
                        help=f"PPLM {name}" + ("; 0 turns steering off" if name == "stepsize" else ""))
 
 
 def steering_options(args: argparse.Namespace) -> dict:
     """bow / pplm keyword arguments of KoGPT.iter_completions from parsed flags; checked before loading."""
-    from ..steering import PPLMConfig, read_words
+    from ..generation.steering import PPLMConfig, read_words
 
     bags: list = [read_words(spec)[1] for spec in args.bow]  # a missing topic or file fails before loading
     if args.bow_words is not None:
@@ -97,7 +97,7 @@ def sampling_options(args: argparse.Namespace) -> dict:
 
 def check_sampling_options(args: argparse.Namespace) -> None:
     """Raise UserError for out-of-range decoding flags (before any model is loaded)."""
-    from ..sampling import SamplingConfig
+    from ..generation.sampling import SamplingConfig
 
     opts = sampling_options(args)
     for name in ("max_new_tokens", "max_length"):
@@ -135,8 +135,8 @@ def load(args: argparse.Namespace):
 
 def classifier_folder(args: argparse.Namespace):
     """The resolved --model folder when it holds a finetuned classifier, else None."""
-    from ..checkpoint import resolve
-    from ..classifier import is_classifier
+    from ..hf.checkpoint import resolve
+    from ..evaluation.classifier import is_classifier
 
     if not args.model:
         return None  # load() names the missing flag
@@ -147,9 +147,9 @@ def classifier_folder(args: argparse.Namespace):
 def load_classifier(args: argparse.Namespace, folder):
     """(Classifier, Head, Tokenizer) of a classifier folder for --device/--dtype, with status lines on stderr."""
     from ..api import default_device, inference_layout, parse_dtype
-    from ..checkpoint import CheckpointError
-    from ..classifier import load_classifier as load_folder
-    from ..tokenizer import Tokenizer
+    from ..hf.checkpoint import CheckpointError
+    from ..evaluation.classifier import load_classifier as load_folder
+    from ..text.tokenizer import Tokenizer
 
     _check_device(args)
     print(f"loading {args.model} (finetuned classifier) ...", file=sys.stderr, flush=True)

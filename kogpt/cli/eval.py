@@ -1,7 +1,7 @@
 """`kogpt eval`: perplexity of a text file, or NSMC / KLUE-YNAT / KLUE-STS / KorSTS few-shot or finetuned.
 
 Reads the data first (a bad file fails before the model loads), calls one function of
-kogpt.evaluate, prints a Markdown table and optionally writes the full result as JSON. A model
+kogpt.evaluation.evaluate, prints a Markdown table and optionally writes the full result as JSON. A model
 folder holding a finetuned classifier (`kogpt finetune`) is scored with its own head, no prompts.
 
     kogpt eval --model DIR --task nsmc --data ratings_test.txt --shots 5 --fewshot-data ratings_train.txt
@@ -53,11 +53,11 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import write_json
-    from ..classifier import check_head, read_head
-    from ..evaluate import (evaluate_fewshot, evaluate_finetuned, evaluate_perplexity, json_ready, markdown_table,
+    from ..hf.checkpoint import write_json
+    from ..evaluation.classifier import check_head, read_head
+    from ..evaluation.evaluate import (evaluate_fewshot, evaluate_finetuned, evaluate_perplexity, json_ready, markdown_table,
                             read_documents)
-    from ..tasks import get_task
+    from ..evaluation.tasks import get_task
 
     _check(args)
     if args.task == "perplexity":

@@ -19,7 +19,7 @@ EPILOG = """examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..finetune import FIELDS, SECTIONS
+    from ..training.finetune import FIELDS, SECTIONS
     from .common import default_model
 
     p.epilog, p.formatter_class = EPILOG, argparse.RawDescriptionHelpFormatter
@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..finetune import FIELDS, FinetuneConfig, finetune
+    from ..training.finetune import FIELDS, FinetuneConfig, finetune
 
     result = finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k in FIELDS}))
     return 128 + result.signal if result.signal else 0

@@ -49,8 +49,8 @@ def parse_weights(specs: list[str]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import local_folder
-    from ..data import prepare
+    from ..hf.checkpoint import local_folder
+    from ..data.tokens import prepare
 
     meta = prepare(args.input, local_folder(args.tokenizer) or args.tokenizer, args.out, val_fraction=args.val_fraction,
                    weights=parse_weights(args.weight), dedup_min_chars=args.dedup_min_chars,

@@ -20,7 +20,7 @@ EPILOG = """examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..train_config import FIELDS, SECTIONS
+    from ..training.config import FIELDS, SECTIONS
 
     p.epilog, p.formatter_class = EPILOG, argparse.RawDescriptionHelpFormatter
     p.add_argument("--config", metavar="FILE.toml", help="TOML file of settings (keys as the flags, with _ for -)")
@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import train
-    from ..train_config import FIELDS, load_config
+    from ..training.loop import train
+    from ..training.config import FIELDS, load_config
     from .prepare import parse_weights
 
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS}

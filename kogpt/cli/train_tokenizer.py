@@ -36,10 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     """Every flag in range before any file is read (a one-line UserError otherwise)."""
-    from ..corpus import check_split_options
+    from ..data.corpus import check_split_options
     from ..errors import UserError
     from ..fileio import check_output_dir
-    from ..tokenizer import BYTE_TOKENS, EMOTICONS, MIN_LEARNED, SPECIAL_TOKENS
+    from ..text.tokenizer import BYTE_TOKENS, EMOTICONS, MIN_LEARNED, SPECIAL_TOKENS
 
     smallest = len(dict.fromkeys([*SPECIAL_TOKENS, *EMOTICONS, *BYTE_TOKENS])) + MIN_LEARNED  # as train_tokenizer
     if not smallest <= args.vocab_size <= MAX_VOCAB:
@@ -56,9 +56,9 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..corpus import chars_per_token, find_sources, scan, write_training_text
+    from ..data.corpus import chars_per_token, find_sources, scan, write_training_text
     from ..errors import UserError
-    from ..tokenizer import train_tokenizer
+    from ..text.tokenizer import train_tokenizer
 
     _check(args)
     sources = find_sources(args.input)

@@ -26,9 +26,9 @@ from starlette.exceptions import HTTPException
 
 from ..api import KoGPT
 from ..errors import UserError
-from ..steering import TOPICS
+from ..generation.steering import TOPICS
 from .chat import ChatTemplate
-from .metrics import Metrics
+from .telemetry import Metrics
 from .protocol import (APIError, ChatRequest, CompletionRequest, TokenText, envelope, invalid_body, new_id,
                        parse_body, request_schema, usage)
 from .scheduler import Job, QueueFull, Scheduler, SeqSpec

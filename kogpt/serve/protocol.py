@@ -2,7 +2,7 @@
 
 Requests are validated strictly (no "1" for 1, unknown fields refused) so a typo is a 400, not a
 silently ignored option. Beyond OpenAI's fields, the kogpt extensions top_k, min_p, typical_p,
-repetition_penalty and no_repeat_ngram_size take transformers' semantics (kogpt.sampling).
+repetition_penalty and no_repeat_ngram_size take transformers' semantics (kogpt.generation.sampling).
 Builders return plain dicts in the shapes of /v1/completions and /v1/chat/completions.
 
     body = CompletionRequest.model_validate({"prompt": "안녕", "max_tokens": 8})
@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..tokenizer import Tokenizer
+from ..text.tokenizer import Tokenizer
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size")
 _BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
@@ -35,7 +35,7 @@ class StreamOptions(_Strict):
 
 
 class PPLMOptions(_Strict):
-    """PPLM knobs (kogpt.steering.PPLMConfig), bounded so one request cannot hog the server."""
+    """PPLM knobs (kogpt.generation.steering.PPLMConfig), bounded so one request cannot hog the server."""
 
     stepsize: float | None = Field(None, ge=0, le=1)
     num_iterations: int | None = Field(None, ge=0, le=10)

@@ -3,7 +3,7 @@
 `Scheduler.submit` (called on the event loop) admits a job of one or more sequences or raises
 QueueFull at once (capacity: --max-batch-size running + --max-queue waiting). The thread drains
 submissions and cancellations between Engine steps, so a new request joins the running batch at the
-next step and a finished or cancelled one frees its cache row at once (kogpt.generate). Each sequence
+next step and a finished or cancelled one frees its cache row at once (kogpt.generation.engine). Each sequence
 detokenizes through api.TextStream (Hangul never split, stop strings cut and held back); its pieces
 reach the handler on the job's asyncio.Queue via loop.call_soon_threadsafe.
 
@@ -25,10 +25,10 @@ import torch
 
 from ..api import KoGPT, TextStream
 from ..errors import UserError
-from ..generate import Engine, Event, Request
-from ..sampling import SamplingConfig
-from ..steering import Steerer
-from .metrics import Metrics
+from ..generation.engine import Engine, Event, Request
+from ..generation.sampling import SamplingConfig
+from ..generation.steering import Steerer
+from .telemetry import Metrics
 
 log = logging.getLogger("kogpt.serve")
 

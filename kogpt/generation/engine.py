@@ -1,0 +1,267 @@
+"""THE decode loop: requests share one KV cache, each in its own row; one step decodes them all.
+
+`Engine` owns the loop: `submit` queues a request (prompt ids, budget, sampling, EOS ids, RNG,
+stop callback); each `step` prefills queued requests into free rows, samples the next token of every
+active row and runs one batched cached forward. Rows keep their own lengths and positions, so
+prompts of any lengths batch without padding, and a request can join while others decode
+(continuous batching). A request whose own prefill or steering step fails (say, out of memory) ends
+alone with finish "error" and the exception in Event.error; the batch goes on. `generate` runs a
+fixed set of prompts through an Engine and raises such an error; callers own prompt formats, stop
+strings and detokenizing — this module sees ids only.
+
+    for ev in generate(model, [ids], max_new_tokens=32, sampling=GREEDY): print(ev.token)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import torch
+
+from ..errors import UserError
+from ..core.kv_cache import KVCache
+from ..core.model import GPT
+from .sampling import GREEDY, SamplingConfig, sample
+
+if TYPE_CHECKING:
+    from .steering import Steerer
+
+StepFn = Callable[[GPT, torch.Tensor, KVCache, slice], torch.Tensor]
+
+
+def decode_step(model: GPT, tok: torch.Tensor, cache: KVCache, rows: slice) -> torch.Tensor:
+    """One cached step for cache rows `rows`: tok (B, 1) -> next-token logits (B, V)."""
+    return model(tok, cache, rows)[:, -1]
+
+
+@dataclass
+class Request:
+    ids: Sequence[int]  # the prompt, at least one id
+    max_new_tokens: int
+    sampling: SamplingConfig = GREEDY
+    eos_ids: Sequence[int] = ()
+    rng: torch.Generator | None = None
+    stop: Callable[[int], bool] | None = None  # called with each new non-EOS id; True ends the request
+    key: Any = None  # the caller's handle, echoed in every Event
+    logprobs: int | None = None  # report the chosen id's log-probability and this many top alternatives
+    steer: Steerer | None = None  # PPLM steering state of this request (steering.py); one per request
+
+
+@dataclass(frozen=True)
+class Event:
+    key: Any  # Request.key
+    token: int  # the new id (-1 when a request ends without one: a zero budget, cancel or error)
+    finish: str | None = None  # None while the request continues; "stop" (EOS or stop()), "length" or "error"
+    is_eos: bool = False
+    logprob: float | None = None  # log p(token) under the model (before sampling processors), if asked
+    top: tuple[tuple[int, float], ...] = ()  # the Request.logprobs most likely (id, log p), if asked
+    error: Exception | None = None  # why the request failed (finish "error"); the others go on
+
+
+@dataclass
+class _Active:
+    req: Request
+    history: list[int]  # prompt + generated ids (repetition penalty, n-gram bans)
+    logits: torch.Tensor | None = None  # (V,) next-token logits, waiting to be sampled
+    generated: int = 0
+    wants_ids: bool = field(init=False)
+
+    def __post_init__(self):
+        self.wants_ids = bool(self.req.sampling.penalties())
+
+
+class Engine:
+    """A KV cache of `slots` rows and the requests in them (see the module docstring)."""
+
+    def __init__(self, model: GPT, slots: int, max_len: int | None = None, step_fn: StepFn = decode_step):
+        cfg = model.config
+        self.model, self.step_fn = model, step_fn
+        self.max_len = min(max_len or cfg.n_positions, cfg.n_positions)
+        w = model.wte.weight
+        self.cache = KVCache.for_model(cfg, slots, self.max_len, w.dtype, w.device)
+        self.queue: deque[Request] = deque()
+        self.rows: dict[int, _Active] = {}  # cache row -> request in it
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and not self.rows
+
+    @property
+    def free_slots(self) -> int:
+        return self.cache.batch_size - len(self.rows)
+
+    def submit(self, req: Request) -> None:
+        """Queue a request; it starts at the next step with a free row. Bad prompts raise UserError."""
+        if not req.ids:
+            raise UserError("a prompt is empty; give it at least one token (e.g. the BOS id)")
+        if len(req.ids) >= self.max_len:
+            raise UserError(f"the prompt has {len(req.ids)} tokens; the context holds {self.max_len}")
+        if max(req.ids) >= self.model.config.vocab_size or min(req.ids) < 0:
+            raise UserError(f"prompt ids must be in [0, {self.model.config.vocab_size})")
+        self.queue.append(req)
+
+    def cancel(self, key: Any) -> bool:
+        """Drop a queued or running request (e.g. its client went away); True if it was found."""
+        for req in list(self.queue):
+            if req.key == key:
+                self.queue.remove(req)
+                return True
+        for row, a in list(self.rows.items()):
+            if a.req.key == key:
+                self._release(row)
+                return True
+        return False
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit queued requests, sample one token for every running request, decode them together."""
+        events: list[Event] = []
+        self._admit(events)
+        self._sample(events)
+        for row, a in list(self.rows.items()):
+            if a.req.steer is not None:  # nudge this row's past before its token goes through
+                try:
+                    a.req.steer.perturb(self.model, self.cache, row, a.history)
+                except Exception as e:  # e.g. out of memory in the backward pass: this request alone fails
+                    self._release(row)
+                    events.append(Event(a.req.key, -1, "error", error=e))
+        if self.rows:
+            hi = max(self.rows) + 1  # decode rows [0, hi); free rows in between carry a dummy token
+            tok = torch.zeros(hi, 1, dtype=torch.long, device=self.cache.k.device)
+            for row, a in self.rows.items():
+                tok[row, 0] = a.history[-1]
+            logits = self.step_fn(self.model, tok, self.cache, slice(0, hi))
+            for row, a in self.rows.items():
+                a.logits = logits[row] if a.req.steer is None else a.req.steer.fuse(logits[row])
+            self.cache.lengths[[r for r in range(hi) if r not in self.rows]] = 0
+        return events
+
+    def _admit(self, events: list[Event]) -> None:
+        while self.queue and self.free_slots:
+            req = self.queue.popleft()
+            budget = min(req.max_new_tokens, self.max_len - len(req.ids))
+            if budget <= 0:
+                events.append(Event(req.key, -1, "length"))
+                continue
+            req.max_new_tokens = budget
+            row = min(set(range(self.cache.batch_size)) - set(self.rows))
+            self.cache.reset(slice(row, row + 1))
+            try:
+                self.rows[row] = _Active(req, list(req.ids), self._prefill(req, row, budget))
+            except Exception as e:  # e.g. out of memory on a long prompt: this request alone fails
+                self.cache.reset(slice(row, row + 1))
+                events.append(Event(req.key, -1, "error", error=e))
+
+    def _prefill(self, req: Request, row: int, budget: int) -> torch.Tensor | None:
+        """Put the prompt in cache row `row`; the next-token logits, or None if a steered step gives them."""
+        # a steered request prefills all but its last prompt token: the first new token is steered too
+        prefill = list(req.ids) if req.steer is None else list(req.ids)[:-1]
+        logits = None
+        if prefill:
+            ids = torch.tensor([prefill], dtype=torch.long, device=self.cache.k.device)
+            logits = self.model(ids, self.cache, slice(row, row + 1), last_only=True)[0, -1]
+        if req.steer is not None:
+            req.steer.start(self.cache, row, len(req.ids) + budget)
+            logits = None  # sampled after this step's (steered) forward of the last prompt token
+        return logits
+
+    def _sample(self, events: list[Event]) -> None:
+        groups: dict[tuple, list[int]] = {}  # rows sharing sampling settings and RNG sample together
+        for row, a in self.rows.items():
+            if a.logits is not None:  # a steered request's first step has nothing to sample yet
+                groups.setdefault((a.req.sampling, id(a.req.rng)), []).append(row)
+        for rows in groups.values():
+            first = self.rows[rows[0]].req
+            logits = torch.stack([self.rows[r].logits.float() for r in rows])  # (G, V)
+            tok = sample(logits, self._history(rows), first.sampling, first.rng).tolist()
+            for i, (row, t) in enumerate(zip(rows, tok)):
+                events.append(self._advance(row, t, logits[i]))
+
+    def _history(self, rows: list[int]) -> torch.Tensor:
+        """(G, T) ids of the rows, left-filled with V (ignored by the processors); (G, 0) if unused."""
+        device = self.cache.k.device
+        if not self.rows[rows[0]].wants_ids:
+            return torch.empty(len(rows), 0, dtype=torch.long, device=device)
+        hist = [self.rows[r].history for r in rows]
+        T = max(len(h) for h in hist)
+        out = torch.full((len(rows), T), self.model.config.vocab_size, dtype=torch.long)
+        for i, h in enumerate(hist):
+            out[i, T - len(h):] = torch.tensor(h)
+        return out.to(device)
+
+    def _advance(self, row: int, tok: int, logits: torch.Tensor) -> Event:
+        a = self.rows[row]
+        logprob, top = None, ()
+        if a.req.logprobs is not None:
+            logp = logits.float().log_softmax(-1)  # (V,)
+            logprob = logp[tok].item()
+            if a.req.logprobs > 0:
+                values, ids = logp.topk(min(a.req.logprobs, logp.numel()))
+                top = tuple(zip(ids.tolist(), values.tolist()))
+        a.generated += 1
+        a.history.append(tok)
+        a.logits = None
+        is_eos = tok in a.req.eos_ids
+        finish = None
+        if is_eos or (a.req.stop is not None and a.req.stop(tok)):
+            finish = "stop"
+        elif a.generated >= a.req.max_new_tokens:
+            finish = "length"
+        if finish:
+            self._release(row)
+        return Event(a.req.key, tok, finish, is_eos, logprob, top)
+
+    def _release(self, row: int) -> None:
+        a = self.rows.pop(row)
+        if a.req.steer is not None:
+            a.req.steer.finish()
+        self.cache.reset(slice(row, row + 1))
+
+
+def generate(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+             sampling: SamplingConfig = GREEDY, eos_ids: Sequence[int] = (), rng: torch.Generator | None = None,
+             stop: Callable[[int, int], bool] | None = None, step_fn: StepFn = decode_step,
+             steer: Sequence[Steerer | None] | None = None) -> Iterator[Event]:
+    """Yield an Event per new token of each prompt (Event.key is the prompt's index), in step order.
+
+    max_new_tokens: one budget for all prompts or one per prompt; capped so prompt + new tokens fit
+    the context. stop(index, token) -> True ends that prompt with finish "stop". steer: a Steerer
+    (or None) per prompt.
+    """
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts):
+        raise ValueError("max_new_tokens needs one budget per prompt")
+    steers = list(steer) if steer is not None else [None] * len(prompts)
+    if len(steers) != len(prompts):
+        raise ValueError("steer needs one Steerer (or None) per prompt")
+    if not prompts:
+        return
+    need = max(len(p) + max(n, 1) for p, n in zip(prompts, budgets))  # a zero budget still fits its prompt
+    engine = Engine(model, slots=len(prompts), max_len=need, step_fn=step_fn)
+    for i, (p, n) in enumerate(zip(prompts, budgets)):
+        engine.submit(Request(p, n, sampling, tuple(eos_ids), rng, None if stop is None else _bind(stop, i), key=i,
+                              steer=steers[i]))
+    while not engine.idle:
+        for ev in engine.step():
+            if ev.error is not None:
+                raise ev.error
+            yield ev
+
+
+def _bind(stop: Callable[[int, int], bool], i: int) -> Callable[[int], bool]:
+    return lambda tok: stop(i, tok)
+
+
+def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
+                 sampling: SamplingConfig = GREEDY, eos_ids: Sequence[int] = (),
+                 rng: torch.Generator | None = None, steer: Sequence[Steerer | None] | None = None,
+                 step_fn: StepFn = decode_step) -> list[list[int]]:
+    """The new ids of each prompt (an ending EOS id included, as transformers returns it)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for ev in generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, rng=rng,
+                       steer=steer, step_fn=step_fn):
+        if ev.token >= 0:
+            out[ev.key].append(ev.token)
+    return out

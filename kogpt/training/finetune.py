@@ -1,0 +1,280 @@
+"""Finetuning a GPT with a score head on NSMC, KLUE-YNAT, KorSTS or KLUE-STS, on THE training loop.
+
+FinetuneTask plugs into train.py: the training examples framed as KoGPT2-subtasks does
+(classifier.frame; pairs in both orders, as augmentation), shuffled per epoch with the seed,
+right-padded per micro-batch; cross-entropy on the label, or MSE on the 0–5 score. Each validation
+scores the validation split (carved from the training file, or --val) and, separately, a fixed
+sample of the training examples; the best validation score picks the exported folder — the
+evaluation file is never seen. Defaults are the KoGPT2-subtasks recipe.
+
+    finetune(FinetuneConfig(model="kogpt-mini", task="nsmc", train="ratings_train.txt", out="runs/nsmc"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..hf.checkpoint import CheckpointError, load_config, load_dropout, load_model, resolve
+from ..evaluation.classifier import (INPUT_FORMAT, Classifier, Head, build_classifier, frame, is_classifier, load_classifier,
+                         outputs, pad_id_for, pad_rows, save_classifier, to_predictions)
+from ..core.config import GPTConfig
+from ..errors import UserError
+from ..core.model import GPT
+from ..evaluation.tasks import Example, Prediction, Task, get_task
+from ..evaluation.tasks.base import split_examples
+from ..fileio import check_output_dir
+from .loop import TrainResult, check_run_folder, train
+from .config import DTYPES, TrainConfig, check_device
+from .config import _f as option  # a dataclass field that carries its --help text
+
+SPLIT_SEED = 0  # the validation split is the same whatever --seed is, so runs compare on the same examples
+PROBE = 2000  # training examples scored at each validation (at most as many as the validation split)
+HEADLINE = {"nsmc": "accuracy", "ynat": "macro_f1", "korsts": "spearman", "klue-sts": "f1"}  # reported and selected
+
+
+@dataclass
+class FinetuneConfig:
+    # what to finetune, on what
+    model: str = option("", "model folder (HF format), bundled model name or hub id: an LM, or a classifier "
+                            "to continue", metavar="MODEL")
+    revision: str = option("", "hub revision of --model")
+    task: str = option("", "the benchmark: nsmc, ynat, korsts or klue-sts", metavar="TASK")
+    train: str = option("", "the task's training file, in its official format", metavar="PATH")
+    val: str = option("", "validation file of the same format (default: --val-fraction of --train)", metavar="PATH")
+    val_fraction: float = option(0.1, "share of --train held out for validation when --val is not given (seeded)")
+    out: str = option("", "run folder: log.jsonl, loss.png, checkpoints/ and model/ (the best classifier, HF format)",
+                       metavar="DIR")
+    limit: int = option(0, "use only the first N examples of each file (0: all)")
+    # batch and schedule: KoGPT2-subtasks' recipe (batch 128, lr 5e-5, cosine with 10% warmup)
+    epochs: float = option(3.0, "passes over the training rows (pair tasks have two per example: both orders)")
+    max_steps: int = option(0, "optimizer steps, overriding --epochs (0: from --epochs)")
+    batch_size: int = option(32, "examples per micro-batch per process")
+    grad_accum: int = option(4, "micro-batches per optimizer step (batch_size × grad_accum = 128)")
+    seq_len: int = option(64, "tokens per input, separators included; longer texts are cut at the end")
+    lr: float = option(5e-5, "peak learning rate (AdamW), decayed by cosine to 0")
+    warmup: float = option(0.1, "share of the steps spent warming the learning rate up")
+    weight_decay: float = option(0.01, "AdamW weight decay of matrices and embeddings")
+    dropout: float = option(-1.0, "share of embeddings, attention weights and residual branches dropped while "
+                                  "training; negative: the model's config.json, as transformers finetunes it "
+                                  "(0.1 for KoGPT2, 0 for kogpt-mini)")
+    # validation, logging, checkpoints
+    eval_every: int = option(0, "validate every N steps (0: ten times over the run)")
+    eval_batch_size: int = option(64, "inputs per forward when validating")
+    save_every: int = option(0, "write a checkpoint every N steps (0: at each validation)")
+    keep_last: int = option(2, "checkpoints to keep")
+    log_every: int = option(10, "write a log.jsonl line every N steps")
+    resume: bool = option(False, "continue from the latest checkpoint in --out (same flags)")
+    overwrite: bool = option(False, "start afresh in an --out that holds an earlier run, deleting its checkpoints, "
+                                    "model and log (without it, such an --out is refused)")
+    # runtime
+    seed: int = option(1337, "seed of the head's init and the data order")
+    dtype: str = option("bfloat16", "autocast dtype of matmuls: bfloat16 or float32 (weights stay float32)")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    fsdp: bool = option(False, "under torchrun, shard the model (FSDP2) instead of DDP")
+    progress: bool = option(True, "show a progress bar")
+
+
+class FinetuneTask:
+    """A benchmark's examples, framed, as the training loop's task (see train.py for the methods)."""
+
+    def __init__(self, task: Task, folder: Path, train: list[Example], val: list[Example], *, seq_len: int,
+                 seed: int, eval_batch_size: int):
+        from ..text.tokenizer import Tokenizer
+
+        self.task, self.folder, self.seed, self.eval_batch_size = task, folder, seed, eval_batch_size
+        self.head = Head.for_task(task, seq_len)
+        self.select = (f"val_{HEADLINE[task.name]}", "max")
+        mcfg = load_config(folder)  # read before the weights: bad flags fail fast
+        if seq_len > mcfg.n_positions:
+            raise UserError(f"--seq-len {seq_len} exceeds the model's n_positions {mcfg.n_positions}")
+        try:
+            self.tok = Tokenizer.from_dir(folder)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{folder}: no usable tokenizer (tokenizer.json, or vocab.json + merges.txt): {e}")
+        self.pad = pad_id_for(self.tok)
+        self.train, self.val = train, val
+        self.rows, owner = frame(self.tok, train, seq_len, self.pad, mcfg.vocab_size)
+        gold = [e.score if self.head.regression else e.label for e in train]
+        dtype = torch.float32 if self.head.regression else torch.long
+        self.targets = torch.tensor([gold[i] for i in owner], dtype=dtype)
+        self.lengths = np.array([len(r) for r in self.rows])
+        probe = np.random.default_rng(SPLIT_SEED).permutation(len(train))[:min(len(train), len(val), PROBE)]
+        self.probe = [train[i] for i in sorted(probe)]  # a fixed sample of training examples for the train metrics
+        self.framed = {name: (exs, *frame(self.tok, exs, seq_len, self.pad, mcfg.vocab_size))
+                       for name, exs in (("val", val), ("train", self.probe))}
+        h = hashlib.sha256(f"{self.tok.hash()}/{task.name}/{INPUT_FORMAT}/{seq_len}/{self.pad}".encode())
+        for exs in (train, val):
+            h.update(repr([(e.text, e.text_pair, e.label, e.score) for e in exs]).encode())
+        self.data_hash = h.hexdigest()[:16]
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    # -- the loop's task interface ----------------------------------------------------------------
+    def start(self, cfg: TrainConfig, env, resumed: dict | None) -> Classifier:
+        """The classifier: the checkpoint's shape, or --model's weights (a classifier's head is kept
+        when its labels are this task's) with a new head; pad_token_id set for the framing."""
+        self.cfg, self.env = cfg, env
+        n = len(self.head.labels)
+        if resumed is not None:
+            model = Classifier(GPT(GPTConfig(**resumed["model_config"])), n)
+        elif is_classifier(self.folder):
+            clf, head = load_classifier(self.folder, torch.float32)
+            model = clf if head.labels == self.head.labels else Classifier(clf.gpt, n)
+        else:
+            model = Classifier(load_model(self.folder, torch.float32), n)
+        model.gpt.config = model.config.replace(pad_token_id=self.pad)
+        model.gpt.set_dropout(cfg.dropout)
+        self.model = model.to(env.device)
+        return self.model
+
+    def wrap(self, model: Classifier) -> torch.nn.Module:
+        return model
+
+    def _order(self, step: int) -> np.ndarray:
+        """Row indices of the global batch of `step`: a seeded permutation per epoch, read in order."""
+        G, N = self.cfg.batch_size * self.cfg.grad_accum, len(self.rows)
+        pos = np.arange(step * G, (step + 1) * G)
+        out = np.empty(G, dtype=np.int64)
+        for epoch in np.unique(pos // N):
+            if self._perm is None or self._perm[0] != epoch:
+                self._perm = (int(epoch), np.random.default_rng([self.seed, int(epoch)]).permutation(N))
+            here = pos // N == epoch
+            out[here] = self._perm[1][pos[here] % N]
+        return out
+
+    def _mine(self, step: int, rank: int, n_micro: int) -> np.ndarray:
+        """Rank's rows of step's global batch, sorted by length: micro-batches of alike rows pad little
+        (each has B rows, so the step's mean loss and gradient are those of any order)."""
+        B = self.cfg.batch_size
+        mine = self._order(step)[rank * n_micro * B:(rank + 1) * n_micro * B]
+        return mine[np.argsort(self.lengths[mine], kind="stable")]
+
+    def micro_batches(self, step: int, n_micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's n_micro (ids (B, T), targets (B,)) of step's global batch, padded to their longest row."""
+        B, mine = self.cfg.batch_size, self._mine(step, self.env.rank, n_micro)
+        out = []
+        for i in range(n_micro):
+            idx = mine[i * B:(i + 1) * B]
+            ids = pad_rows([self.rows[j] for j in idx], self.pad, self.env.device)
+            out.append((ids, self.targets[torch.from_numpy(idx)].to(self.env.device)))
+        return out
+
+    def loss(self, net, batch) -> torch.Tensor:
+        ids, y = batch
+        out = net(ids).float()  # (B, num_labels)
+        return F.mse_loss(out[:, 0], y) if self.head.regression else F.cross_entropy(out, y)
+
+    def tokens(self, step: int) -> int:
+        """Tokens of step's global batch, padding included."""
+        B, n_micro = self.cfg.batch_size, self.cfg.grad_accum // self.env.world
+        lengths = np.concatenate([self.lengths[self._mine(step, r, n_micro)] for r in range(self.env.world)])
+        return int(sum(len(c) * c.max() for c in (lengths[i:i + B] for i in range(0, len(lengths), B))))
+
+    @torch.no_grad()
+    def evaluate(self, net, autocast) -> dict:
+        """Loss and the task's metrics on the validation split and, separately, on a training sample."""
+        metrics = {}
+        self.model.eval()
+        for name, (exs, rows, owner) in self.framed.items():
+            out = outputs(self.model, rows, self.eval_batch_size, autocast, part=(self.env.rank, self.env.world))
+            out = self.env.all_reduce(out.to(self.env.device)).cpu()  # each row was computed by one rank
+            preds = to_predictions(self.head, out, owner, len(exs))
+            metrics[f"{name}_loss"] = _loss(self.head, exs, preds)
+            metrics.update({f"{name}_{k}": v for k, v in self.task.metrics(exs, preds).items()})
+        self.model.train()
+        return metrics
+
+    def summary(self, step: int, m: dict) -> str:
+        k = HEADLINE[self.task.name]
+        return (f"step {step}: val {k} {m[f'val_{k}']:.4f}, loss {m['val_loss']:.4f} | train {k} "
+                f"{m[f'train_{k}']:.4f}, loss {m['train_loss']:.4f} | best val {k} at step {m['best_step']}")
+
+    def describe(self) -> dict:
+        return {"finetune": {"task": self.task.name, "model": str(self.folder), "train_examples": len(self.train),
+                             "val_examples": len(self.val), "train_rows": len(self.rows),
+                             "input_format": INPUT_FORMAT, "pad_token_id": self.pad}}
+
+    def save(self, state_dict: dict, folder: Path, step: int, metrics: dict) -> None:
+        """The classifier folder (HF format) with the tokenizer; config.json names the step and its val metrics."""
+        model = build_classifier(self.model.config, state_dict)
+        save_classifier(model, self.head, folder, best_step=step,
+                        val_metrics={k: v for k, v in metrics.items() if k.startswith("val_")})
+        self.tok.save(folder)
+
+
+def _loss(head: Head, examples: list[Example], preds: list[Prediction]) -> float:
+    """Mean cross-entropy of the gold label, or mean squared error of the score."""
+    if head.regression:
+        return sum((p.score - e.score) ** 2 for e, p in zip(examples, preds)) / len(examples)
+    return -sum(p.logprobs[e.label] for e, p in zip(examples, preds)) / len(examples)
+
+
+def _check(fc: FinetuneConfig) -> None:
+    for name in ("task", "train", "out"):
+        if not getattr(fc, name):
+            raise UserError(f"--{name} is required")
+    if not fc.model:
+        raise UserError("no model given: pass --model with a model folder or a Hugging Face hub id")
+    if fc.val and fc.val_fraction != FinetuneConfig.val_fraction:
+        raise UserError("give --val or --val-fraction, not both")
+    if not 0 < fc.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in (0, 1), got {fc.val_fraction}")
+    for name, low in (("limit", 0), ("max_steps", 0), ("batch_size", 1), ("grad_accum", 1), ("eval_batch_size", 1),
+                      ("eval_every", 0), ("save_every", 0), ("keep_last", 1), ("log_every", 1)):
+        if getattr(fc, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(fc, name)}")
+    if not fc.max_steps and not (math.isfinite(fc.epochs) and fc.epochs > 0):
+        raise UserError(f"--epochs must be > 0, got {fc.epochs}")
+    if not 0 <= fc.warmup < 1:
+        raise UserError(f"--warmup must be in [0, 1), got {fc.warmup}")
+    if not (math.isfinite(fc.lr) and fc.lr > 0):
+        raise UserError(f"--lr must be > 0, got {fc.lr}")
+    if not (math.isfinite(fc.dropout) and fc.dropout < 1):
+        raise UserError(f"--dropout must be in [0, 1) (negative: the model's own), got {fc.dropout}")
+    if not (math.isfinite(fc.weight_decay) and fc.weight_decay >= 0):
+        raise UserError(f"--weight-decay must be >= 0, got {fc.weight_decay}")
+    if not 0 <= fc.seed < 1 << 64:
+        raise UserError(f"--seed must be in [0, 2**64), got {fc.seed}")
+    if fc.dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {fc.dtype!r}")
+    check_device(fc.device)
+    check_output_dir(fc.out, "--out")
+    check_run_folder(Path(fc.out), fc.resume, fc.overwrite)  # before the data and the model are read
+
+
+def finetune(fc: FinetuneConfig) -> TrainResult:
+    """Finetune fc.model on fc.task's training file; the best validation checkpoint lands in out/model."""
+    _check(fc)
+    task = get_task(fc.task)
+    limit = fc.limit or None
+    train_ex = task.load(fc.train)[:limit]
+    if fc.val:
+        val_ex = task.load(fc.val)[:limit]
+    elif len(train_ex) < 2:
+        raise UserError(f"{fc.train}: {len(train_ex)} example(s), too few to hold out a validation split")
+    else:
+        train_ex, val_ex = split_examples(train_ex, fc.val_fraction, SPLIT_SEED)
+    ft = FinetuneTask(task, resolve(fc.model, fc.revision or None), train_ex, val_ex, seq_len=fc.seq_len,
+                      seed=fc.seed, eval_batch_size=fc.eval_batch_size)
+    steps = fc.max_steps or math.ceil(fc.epochs * len(ft.rows) / (fc.batch_size * fc.grad_accum))
+    eval_every = fc.eval_every or math.ceil(steps / 10)
+    dropout = fc.dropout if fc.dropout >= 0 else load_dropout(ft.folder)  # transformers' rule: the config's
+    cfg = TrainConfig(out=fc.out, init_from=str(ft.folder), resume=fc.resume, batch_size=fc.batch_size,
+                      grad_accum=fc.grad_accum, seq_len=fc.seq_len, max_steps=steps, lr=fc.lr, min_lr=0.0,
+                      warmup_steps=round(fc.warmup * steps), weight_decay=fc.weight_decay, beta2=0.999,
+                      dropout=dropout, eval_every=eval_every, save_every=fc.save_every or eval_every,
+                      keep_last=fc.keep_last, log_every=fc.log_every, sample_tokens=0, seed=fc.seed,
+                      dtype=fc.dtype, device=fc.device, fsdp=fc.fsdp, progress=fc.progress, overwrite=fc.overwrite)
+    return train(cfg, ft)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+SECTIONS = {"model": "what to finetune, on what", "epochs": "batch and schedule (KoGPT2-subtasks recipe)",
+            "eval_every": "validation, logging and checkpoints", "seed": "runtime"}
