@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kogpt-installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench docs docs-serve clean
 
 setup: $(STAMP)
 
@@ -25,5 +25,12 @@ bench: setup
 	$(PY) benchmarks/decode.py --json bench-decode.json
 	$(PY) benchmarks/train_speed.py
 
+# the docs site (mkdocs.yml, docs/): --strict fails on any warning, a broken link or anchor included
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache site

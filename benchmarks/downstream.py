@@ -24,7 +24,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from kogpt.errors import UserError
-from kogpt.evaluation.evaluate import markdown_table
+from kogpt.evaluation.report import markdown_table
 from kogpt.evaluation.tasks import TASKS, Example, Prediction, Task, get_task
 from kogpt.evaluation.tasks.base import split_examples as split
 

@@ -33,9 +33,9 @@ which, folder, new = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 base = status("VmRSS:")
 t = time.perf_counter()
 if which == "kogpt":
-    from kogpt.api import load_inference_model
+    from kogpt.hf.load import load
     from kogpt.generation.engine import generate_ids
-    model = load_inference_model(folder, "bf16")
+    model = load(folder, "bf16")
     run = lambda ids, n: generate_ids(model, ids.tolist(), max_new_tokens=n)
 else:
     import transformers

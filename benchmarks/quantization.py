@@ -18,7 +18,7 @@ import sys
 
 from kogpt.api import KoGPT
 from kogpt.errors import UserError
-from kogpt.evaluation.evaluate import evaluate_perplexity, read_documents
+from kogpt.evaluation.perplexity import evaluate_perplexity, read_documents
 
 
 def agreement(ref: list[list[int]], got: list[list[int]]) -> tuple[float, float]:

@@ -38,7 +38,8 @@ PROMPTS = ["대한민국의 수도는 서울이며, 한강을 중심으로 발�
 def make_model(preset: str) -> Path:
     """Random weights of `preset` plus a tokenizer, cached in the temp folder."""
     from kogpt.apps.bench import make_random_checkpoint
-    from kogpt.text.tokenizer import Tokenizer, train_tokenizer
+    from kogpt.text.bpe import train_tokenizer
+    from kogpt.text.tokenizer import Tokenizer
 
     folder = Path(tempfile.gettempdir()) / f"kogpt-serve-bench-{preset}"
     make_random_checkpoint(folder, preset)

@@ -20,7 +20,8 @@ from kogpt.core.config import GPTConfig
 from kogpt.core.model import GPT
 from kogpt.training.optim import flops_per_token, make_optimizer, measure_peak_flops
 from kogpt.training.loss import LMLoss
-from kogpt.training.loop import LMTask, train_step
+from kogpt.training.loop import train_step
+from kogpt.training.pretrain import LMObjective
 
 
 class _HF:  # a plain transformers loop: labels= and the model's own shifted loss
@@ -31,7 +32,7 @@ class _HF:  # a plain transformers loop: labels= and the model's own shifted los
 
 def kogpt_model(cfg: GPTConfig, compile: bool):
     torch.manual_seed(0)
-    net = LMLoss(GPT(cfg)).train()  # what LMTask.wrap gives the train loop
+    net = LMLoss(GPT(cfg)).train()  # what LMObjective.wrap gives the train loop
     return net, (torch.compile(net) if compile else net)
 
 
@@ -76,9 +77,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=g)
                for _ in range(args.steps)]
-    sides = {"kogpt": (*kogpt_model(cfg, False), LMTask), "transformers": (*hf_model(cfg), _HF)}
+    sides = {"kogpt": (*kogpt_model(cfg, False), LMObjective), "transformers": (*hf_model(cfg), _HF)}
     if args.compile:
-        sides["kogpt+compile"] = (*kogpt_model(cfg, True), LMTask)
+        sides["kogpt+compile"] = (*kogpt_model(cfg, True), LMObjective)
     opts = {k: make_optimizer(raw, lr=3e-4, weight_decay=0.1) for k, (raw, _, _) in sides.items()}
     times: dict[str, list[float]] = {k: [] for k in sides}
     for r in range(args.rounds):

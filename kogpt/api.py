@@ -1,6 +1,6 @@
 """KoGPT: a model, its tokenizer and its generation defaults — what a user imports.
 
-Text in, text out, through the one decode loop (generate.py): batched generation with stop strings,
+Text in, text out, through the one decode loop (generation/engine.py): batched generation with stop strings,
 streaming through StreamDecoder (Hangul never split), log-likelihood scoring, and saving in HF
 format. Generation defaults come from the checkpoint's generation_config.json (transformers' semantics),
 else the family's model-card recipe (KoGPT2: greedy, repetition_penalty 2.0, max_length 128; KoGPT: sampling,
@@ -20,75 +20,23 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .hf.checkpoint import (CheckpointError, load_int8, load_model, read_json, resolve, save_model, unfragmented,
-                         write_json)
+from .core.layout import Layout
+from .fileio import write_json
+from .hf.folder import CheckpointError, read_json, require_language_model
+from .hf.hub import resolve
+from .hf.load import load
+from .hf.save import save_model
 from .hf.convert import generation_from_hf, generation_to_hf
 from .errors import UserError
 from .generation.compiled_step import CompiledStep
 from .generation.engine import StepFn, decode_step, generate
 from .core.model import GPT
-from .core.packed import pack_linears
-from .core.int8 import fbgemm_available, quantize_int8
 from .generation.sampling import SamplingConfig
 from .generation.steering import PPLMConfig, Steerer, make_bags
-from .text.tokenizer import StreamDecoder, Tokenizer
+from .text.stream import StreamDecoder
+from .text.tokenizer import Tokenizer
 
-DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "int8", "int8-dynamic")
-INT8_NAMES = ("int8", "int8-dynamic")  # int8 linears over a bf16 model
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingConfig)}
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """torch dtype for 'fp32'/'bf16'/'fp16' (or their long names); None or 'auto' = the checkpoint's.
-
-    'int8' is not a dtype of its own: from_pretrained loads bf16 and quantizes the linear layers
-    (weight-only; 'int8-dynamic' also quantizes each layer's input, see kogpt.core.int8).
-    """
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        return None
-    if name in INT8_NAMES:
-        return torch.bfloat16
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPE_NAMES)}") from None
-
-
-def load_inference_model(folder: str | os.PathLike, dtype: str | torch.dtype | None = None,
-                         device: str | torch.device = "cpu", compile: bool = False) -> GPT:
-    """load_model in the fastest inference layout for `dtype` (see inference_layout); with compile, plain
-    linears that torch.compile can trace (oneDNN-packed and int8 layers are opaque to it)."""
-    if compile:
-        if dtype in INT8_NAMES:
-            raise UserError("--compile works with fp32, bf16 and fp16 weights, not int8")
-        return load_model(folder, parse_dtype(dtype), device)
-    if dtype in INT8_NAMES:  # quantized while reading: no float copy of the model
-        return load_int8(folder, device, _int8_kernel(dtype, device))
-    with unfragmented():  # the layer swaps below free and allocate big blocks too
-        return inference_layout(load_model(folder, parse_dtype(dtype), device), dtype)
-
-
-def _int8_kernel(dtype: str, device: str | torch.device) -> str:
-    if dtype != "int8-dynamic":
-        return "auto"
-    if torch.device(device).type != "cpu":
-        raise UserError("--dtype int8-dynamic runs on the CPU only (fbgemm); use int8 or bf16 on a GPU")
-    if not fbgemm_available():
-        warnings.warn("this PyTorch build has no fbgemm: int8-dynamic falls back to weight-only int8", stacklevel=3)
-        return "auto"
-    return "fbgemm"
-
-
-def inference_layout(model: torch.nn.Module, dtype: str | torch.dtype | None) -> torch.nn.Module:
-    """int8 weights for "int8" (weight-only) and "int8-dynamic" (fbgemm, int8 inputs too); otherwise
-    oneDNN-packed linears for bf16/fp16 on CPU, and the model unchanged for fp32."""
-    if dtype in INT8_NAMES:
-        return quantize_int8(model, kernel=_int8_kernel(dtype, next(model.parameters()).device))
-    return pack_linears(model)
 
 
 def default_device() -> str:
@@ -173,11 +121,13 @@ class KoGPT:
         """Load a model folder or hub id (optionally at a revision) with its tokenizer.
 
         compile: decode with a torch.compile'd step (compiled_step.py; CUDA graphs on GPU). On CPU the
-        eager step measured faster (README, Speed and memory), so it is off by default.
+        eager step measured faster (docs/performance.md), so it is off by default.
         """
         folder = resolve(name_or_path, revision)
+        require_language_model(folder, str(name_or_path), "generate with (kogpt eval runs it)")
         device = device or default_device()
-        model = load_inference_model(folder, dtype, device, compile=compile)
+        layout = Layout.parse(dtype, plain=compile)  # torch.compile traces nn.Linear, not packed or int8 layers
+        model = load(folder, layout, device)
         tokenizer = Tokenizer.from_dir(folder)  # TokenizerError (a UserError) names the file
         _check_special_ids(model, tokenizer, folder)
         defaults = GenerationDefaults.for_family(model.config.family)
@@ -265,14 +215,15 @@ class KoGPT:
         sampling, max_new, max_len = self.options(steering=bow is not None, **options)
         prompts = [p for p in prompts for _ in range(num_return_sequences)]
         encoded = [self.encode_prompt(p) for p in prompts]
-        steer = self.steerers(bow, pplm, len(prompts))
+        steerers = self.steerers(bow, pplm, len(prompts))
+        hooks = None if steerers is None else [[s] for s in steerers]  # a Steerer is a RequestHook
         rows = [TextStream(self.tokenizer, stop, e) for e in encoded]
         rng = None
         if seed is not None:
             rng = torch.Generator(self.model.wte.weight.device).manual_seed(seed)
         eos = [i for i in {self.tokenizer.eos_id} if i is not None]
         events = generate(self.model, encoded, max_new_tokens=[self._budget(len(e), max_new, max_len) for e in encoded],
-                          sampling=sampling, eos_ids=eos, rng=rng, stop=lambda b, tok: rows[b].push(tok), steer=steer,
+                          sampling=sampling, eos_ids=eos, rng=rng, stop=lambda b, tok: rows[b].push(tok), hooks=hooks,
                           step_fn=self.step_fn)
         for ev in events:
             row = rows[ev.key]

@@ -1,7 +1,7 @@
 """Files written whole or not at all, JSON read with one-line errors, and output paths checked up front.
 
 Torch-free on purpose: the data pipeline (and each of its tokenizer processes) and the run log use
-it without loading the model stack. kogpt.hf.checkpoint re-exports atomic_write / write_json / read_json.
+it without loading the model stack.
 
     write_json(Path("out/meta.json"), meta); meta = read_json(Path("out/meta.json"))
 """

@@ -84,7 +84,7 @@ KOREAN_LINES = [
 @pytest.fixture(scope="session")
 def korean_tokenizer(tmp_path_factory):
     """A small kogpt BPE (vocab 1000, fits the tiny models) trained on real Korean lines."""
-    from kogpt.text.tokenizer import train_tokenizer
+    from kogpt.text.bpe import train_tokenizer
 
     lines = list(KOREAN_LINES) * 3
     wiki = SHARED / "corpus" / "kowiki" / "kowiki_sample.txt"

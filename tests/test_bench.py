@@ -40,9 +40,9 @@ def test_decode_bytes_counts_every_linear_weight_once(tmp_path, preset):
     import torch
 
     from kogpt.apps.bench import decode_bytes, make_random_checkpoint
-    from kogpt.hf.checkpoint import load_model
+    from kogpt.hf.load import load
 
-    model = load_model(make_random_checkpoint(tmp_path / preset, preset))
+    model = load(make_random_checkpoint(tmp_path / preset, preset))
     weights = {m.weight.data_ptr(): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
     assert decode_bytes(tmp_path / preset, "fp32") == 4 * sum(w.numel() for w in weights.values())
     assert decode_bytes(tmp_path / preset, "int8") == sum(w.numel() for w in weights.values())
@@ -51,10 +51,10 @@ def test_decode_bytes_counts_every_linear_weight_once(tmp_path, preset):
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-gptj"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int8-dynamic"])
 def test_the_step_split_times_every_linear_layer_of_every_layout(tmp_path, preset, dtype, monkeypatch):
-    from kogpt.api import load_inference_model
+    from kogpt.hf.load import load
     from kogpt.apps.bench import linear_layers, make_random_checkpoint, time_linears
 
-    model = load_inference_model(make_random_checkpoint(tmp_path / preset, preset), dtype)
+    model = load(make_random_checkpoint(tmp_path / preset, preset), dtype)
     layers = linear_layers(model)
     assert len(layers) == 4 * model.config.n_layer + 1  # qkv, proj, fc, mlp proj per block; the head
     assert layers[-1] is model.lm_head and layers[0] is model.h[0].attn.qkv

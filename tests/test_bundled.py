@@ -13,7 +13,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from kogpt.hf.checkpoint import BUNDLED, bundled_models, load_config
+from kogpt.hf.folder import load_config
+from kogpt.hf.hub import BUNDLED, bundled_models
 from kogpt.core.config import GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]

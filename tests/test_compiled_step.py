@@ -11,7 +11,7 @@ import torch
 from torch._dynamo.testing import CompileCounter
 
 from kogpt.api import KoGPT
-from kogpt.hf.checkpoint import load_model
+from kogpt.hf.load import load
 from kogpt.generation.compiled_step import CompiledStep
 from kogpt.errors import UserError
 from kogpt.generation.engine import Engine, Request, decode_step, generate, generate_ids
@@ -29,7 +29,7 @@ def run(model, prompts, n, step_fn):
 
 
 def test_compiled_greedy_tokens_equal_the_eager_step(hf_dir):
-    model = load_model(hf_dir)
+    model = load(hf_dir)
     step = CompiledStep()
     assert run(model, PROMPTS, 12, step) == generate_ids(model, PROMPTS, max_new_tokens=12)
     # the logits, step by step, with rows of different lengths and a free row in the middle
@@ -47,7 +47,7 @@ def test_compiled_greedy_tokens_equal_the_eager_step(hf_dir):
 
 
 def test_new_prompt_lengths_do_not_recompile(hf_dir):
-    model = load_model(hf_dir)
+    model = load(hf_dir)
     counter = CompileCounter()
     step = CompiledStep(backend=counter)
     assert run(model, PROMPTS, 5, step) == generate_ids(model, PROMPTS, max_new_tokens=5)
@@ -80,7 +80,7 @@ def test_a_compiler_failure_is_one_clear_error(hf_dir):
     def broken(gm, example_inputs):
         raise RuntimeError("no C++ compiler found")
 
-    model = load_model(hf_dir)
+    model = load(hf_dir)
     with pytest.raises(UserError, match=r"--compile: torch.compile failed .*run without --compile"):
         run(model, PROMPTS, 3, CompiledStep(backend=broken))
     cache_user = Engine(model, slots=2, step_fn=CompiledStep())
@@ -90,7 +90,7 @@ def test_a_compiler_failure_is_one_clear_error(hf_dir):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_step_equals_eager_on_gpu(hf_dir):
-    model = load_model(hf_dir, device="cuda")
+    model = load(hf_dir, device="cuda")
     step = CompiledStep(mode="reduce-overhead")
     torch._dynamo.utils.counters.clear()
     for _ in range(2):  # the second run replays the recorded graphs

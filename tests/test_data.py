@@ -49,7 +49,7 @@ def split_at(ids: list[int], sep: int) -> list[list[int]]:
 
 
 def make_tokenizer(files, out: Path, vocab_size: int = 1000):
-    from kogpt.text.tokenizer import train_tokenizer
+    from kogpt.text.bpe import train_tokenizer
 
     tok = train_tokenizer([str(f) for f in files], vocab_size, show_progress=False)
     tok.save(out)
@@ -244,7 +244,7 @@ def test_a_failed_reprepare_keeps_the_previous_data(corpus, tok_dir, data_dir, t
 
 def test_csv_fields_past_the_csv_module_limit(tmp_path, monkeypatch):
     import kogpt.data.corpus
-    from kogpt.evaluation.evaluate import read_documents as eval_documents
+    from kogpt.evaluation.perplexity import read_documents as eval_documents
 
     long = "가나다라마바사 " * 30_000  # 240k characters: past Python's default 131,072 per field
     path = tmp_path / "long.csv"
@@ -310,7 +310,7 @@ def test_prepare_flags_are_checked_before_reading(corpus, tok_dir, tmp_path, cap
 
 def test_prepare_takes_a_bundled_models_tokenizer_by_name(corpus, tmp_path, capsys):
     """Continued pretraining of kogpt-mini (`kogpt train --init-from kogpt-mini`) needs its tokenizer."""
-    from kogpt.hf.checkpoint import BUNDLED
+    from kogpt.hf.hub import BUNDLED
     from kogpt.text.tokenizer import Tokenizer
 
     assert main(["prepare", "--input", str(corpus), "--tokenizer", "kogpt-mini", "--out", str(tmp_path / "d"),

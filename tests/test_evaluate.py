@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -15,8 +16,10 @@ from hypothesis import strategies as st
 from conftest import KOREAN_LINES, ROOT
 from kogpt.api import KoGPT
 from kogpt.errors import UserError
-from kogpt.evaluation.evaluate import (continuation_logprobs, evaluate_fewshot, evaluate_perplexity, json_ready,
-                            markdown_table, sliding_windows)
+from kogpt.evaluation.fewshot import evaluate_fewshot
+from kogpt.evaluation.perplexity import evaluate_perplexity, sliding_windows
+from kogpt.evaluation.report import json_ready, markdown_table
+from kogpt.evaluation.scoring import continuation_logprobs, score_all, start_id
 from kogpt.evaluation.metrics import accuracy, f1, macro_f1, pearson, ranks, spearman
 from kogpt.evaluation.tasks import TASKS, Example
 
@@ -73,6 +76,32 @@ def test_continuations_of_mixed_lengths_in_one_batch(gpt, hf_model):
     expected = [[hf_logprob(hf_model, c, x) for x in cs] for c, cs in zip(contexts, conts)]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2"])
+def test_score_all_batches_by_length_and_answers_in_input_order(gpt):
+    rng = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(10, 1000, (n,), generator=rng).tolist()  # noqa: E731
+    # lengths out of order; the 120-token context and the 100-token continuation fit 128 positions
+    # only apart, so score_all must split them into different forwards
+    contexts = [ids(n) for n in (5, 120, 1, 30, 7, 2)]
+    conts = [[ids(3), ids(1)], [ids(2)], [ids(100)], [ids(4), ids(4), ids(9)], [ids(1)], [ids(6), ids(2)]]
+    one_by_one = [continuation_logprobs(gpt.model, [c], [cs])[0] for c, cs in zip(contexts, conts)]
+    for batch_size in (1, 2, 4, 8):
+        got = score_all(gpt.model, contexts, conts, batch_size=batch_size)
+        assert [len(g) for g in got] == [len(cs) for cs in conts]
+        for g, e in zip(got, one_by_one):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="exceeds the model's 128 positions"):
+        continuation_logprobs(gpt.model, [contexts[1], contexts[2]], [conts[1], conts[2]])
+    with pytest.raises(ValueError, match="non-empty"):
+        continuation_logprobs(gpt.model, [[1]], [[[5], []]])
+
+
+def test_scored_text_needs_a_start_token():
+    assert start_id(types.SimpleNamespace(start_id=0)) == 0  # id 0 is a real token, not "missing"
+    with pytest.raises(UserError, match="neither a BOS nor an EOS"):
+        start_id(types.SimpleNamespace(start_id=None))
 
 
 def test_perplexity_equals_transformers(gpt, hf_model):

@@ -15,8 +15,11 @@ import pytest
 import torch
 
 from conftest import ROOT, make_hf_model, shared_path
-from kogpt.evaluation.classifier import (Classifier, Head, frame, last_non_pad, load_classifier, pad_rows, predict,
-                              save_classifier)
+from kogpt.core.classifier import Classifier, Head, last_non_pad
+from kogpt.evaluation.classify import frame, pad_rows, predict
+from kogpt.hf.folder import read_head
+from kogpt.hf.load import load
+from kogpt.hf.save import save_model
 from kogpt.cli import main
 from kogpt.errors import UserError
 from kogpt.training.finetune import FinetuneConfig, finetune
@@ -32,9 +35,14 @@ TINY = dict(batch_size=16, grad_accum=1, lr=1e-3, eval_batch_size=64, log_every=
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def load_classifier(folder: Path):
+    """The classifier of a folder and what its head means."""
+    return load(folder), read_head(folder)[0]
+
+
 @pytest.fixture(scope="module")
 def review_tokenizer(tmp_path_factory):
-    from kogpt.text.tokenizer import train_tokenizer
+    from kogpt.text.bpe import train_tokenizer
 
     lines = shared_path("corpus", "movie_reviews", "naver_movie_reviews_nonbench.txt").read_text(
         encoding="utf-8").splitlines()[:3000]
@@ -70,9 +78,9 @@ def log_of(run: Path) -> list[dict]:
 def nsmc_run(tmp_path_factory, review_tokenizer, nsmc_file) -> Path:
     """GPT-2: 4 epochs over 360 NSMC rows (40 held out), validating every 9 steps, checkpoints every 18."""
     root = tmp_path_factory.mktemp("nsmc_run")
-    finetune(FinetuneConfig(model=str(lm_folder(root, "gpt2", review_tokenizer)), task="nsmc", train=str(nsmc_file),
-                            out=str(root / "run"), epochs=4, eval_every=9, save_every=18, keep_last=10, dropout=0.0,
-                            **TINY))
+    finetune(FinetuneConfig.from_settings(model=str(lm_folder(root, "gpt2", review_tokenizer)), task="nsmc",
+                                          train=str(nsmc_file), out=str(root / "run"), epochs=4, eval_every=9,
+                                          save_every=18, keep_last=10, dropout=0.0, **TINY))
     return root / "run"
 
 
@@ -98,11 +106,9 @@ def test_classifier_forward_equals_transformers(family, hf_dir, tmp_path, num_la
 def test_saved_classifier_loads_in_transformers_with_the_same_logits(family, hf_dir, korean_tokenizer, tmp_path):
     import transformers
 
-    from kogpt.hf.checkpoint import load_model
-
-    model = Classifier(load_model(hf_dir), 7)
+    model = Classifier(load(hf_dir), 7)
     head = Head.for_task(get_task("ynat"), 64)
-    save_classifier(model, head, tmp_path / "out", best_step=3)
+    save_model(model, tmp_path / "out", head, best_step=3)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     assert type(hf).__name__ == {"gpt2": "GPT2", "gptj": "GPTJ"}[family] + "ForSequenceClassification"
     assert hf.config.id2label[5] == "스포츠" and hf.config.problem_type == "single_label_classification"
@@ -189,22 +195,23 @@ def test_resume_continues_exactly(nsmc_run, tmp_path, nsmc_file):
     shutil.copy(nsmc_run / "log.jsonl", tmp_path)
     shutil.copytree(nsmc_run / "model", tmp_path / "model")
     cfg = json.loads((nsmc_run / "config.json").read_text(encoding="utf-8"))["finetune"]
-    result = finetune(FinetuneConfig(model=cfg["model"], task="nsmc", train=str(nsmc_file), out=str(tmp_path), epochs=4,
-                                     eval_every=9, save_every=18, keep_last=10, dropout=0.0, resume=True, **TINY))
+    result = finetune(FinetuneConfig.from_settings(model=cfg["model"], task="nsmc", train=str(nsmc_file),
+                                                   out=str(tmp_path), epochs=4, eval_every=9, save_every=18,
+                                                   keep_last=10, dropout=0.0, resume=True, **TINY))
     assert result.step == 90
     a, b = log_of(nsmc_run), log_of(tmp_path)
     assert [r for r in b if r["step"] > 36] and [(r.get("loss"), r.get("val_loss")) for r in a] == [
         (r.get("loss"), r.get("val_loss")) for r in b]  # steps 37-90 again, exactly
     with pytest.raises(UserError, match="trained on other data"):  # another training file: refused
-        finetune(FinetuneConfig(model=cfg["model"], task="nsmc", train=str(nsmc_file), out=str(tmp_path), epochs=4,
-                                limit=300, resume=True, **TINY))
+        finetune(FinetuneConfig.from_settings(model=cfg["model"], task="nsmc", train=str(nsmc_file),
+                                              out=str(tmp_path), epochs=4, limit=300, resume=True, **TINY))
 
 
 def test_dropout_follows_the_config_masks_training_and_resumes_exactly(tmp_path, review_tokenizer, nsmc_file):
     lm = lm_folder(tmp_path, "gpt2", review_tokenizer)  # transformers' GPT2Config: resid_pdrop 0.1
     kw = dict(model=str(lm), task="nsmc", train=str(nsmc_file), max_steps=4, eval_every=2, keep_last=5, **TINY)
-    finetune(FinetuneConfig(out=str(tmp_path / "on"), **kw))
-    finetune(FinetuneConfig(out=str(tmp_path / "off"), dropout=0.0, **kw))
+    finetune(FinetuneConfig.from_settings(out=str(tmp_path / "on"), **kw))
+    finetune(FinetuneConfig.from_settings(out=str(tmp_path / "off"), dropout=0.0, **kw))
     on, off = log_of(tmp_path / "on"), log_of(tmp_path / "off")
     assert json.loads((tmp_path / "on" / "config.json").read_text(encoding="utf-8"))["train"]["dropout"] == 0.1
     assert on[0]["loss"] != pytest.approx(off[0]["loss"], rel=1e-3)  # the same batch, masked
@@ -213,7 +220,7 @@ def test_dropout_follows_the_config_masks_training_and_resumes_exactly(tmp_path,
     shutil.copy(tmp_path / "on" / "checkpoints" / "step-00000002.pt", again / "checkpoints")
     shutil.copy(tmp_path / "on" / "log.jsonl", again)
     shutil.copytree(tmp_path / "on" / "model", again / "model")
-    assert finetune(FinetuneConfig(out=str(again), resume=True, **kw)).step == 4
+    assert finetune(FinetuneConfig.from_settings(out=str(again), resume=True, **kw)).step == 4
     assert [(r.get("loss"), r.get("val_loss")) for r in log_of(again)] == [(r.get("loss"), r.get("val_loss")) for r in on]
 
 
@@ -234,6 +241,31 @@ def test_eval_uses_the_finetuned_head(nsmc_run, nsmc_file, review_tokenizer, tmp
         assert rec["logprobs"] == pytest.approx(list(p.logprobs), abs=1e-5)
     acc = sum(p.label == e.label for p, e in zip(want, examples)) / 50
     assert res["metrics"]["accuracy"] == pytest.approx(acc)
+
+
+# -- the flags -----------------------------------------------------------------------------------------
+def test_flags_compose_the_loop_config_with_the_recipe_defaults(monkeypatch):
+    """`kogpt finetune`: its own settings, and the training loop's (a TrainConfig) with the KoGPT2-subtasks
+    recipe's defaults; every own setting is a flag, and no flag is listed twice."""
+    import kogpt.training.finetune as ft
+    from kogpt.cli.finetune import GROUPS
+    from kogpt.training.loop import TrainResult
+
+    names = " ".join(GROUPS.values()).split()
+    assert len(names) == len(set(names)) and set(ft.FIELDS) <= set(names)
+    seen = []
+    monkeypatch.setattr(ft, "finetune", lambda fc: seen.append(fc) or TrainResult(0, None, None, {}))
+    assert main(["finetune", "--model", "m", "--task", "nsmc", "--train", "t.tsv", "--out", "r", "--lr", "1e-3",
+                 "--max-steps", "7", "--no-progress"]) == 0
+    fc = seen[0]
+    assert (fc.model, fc.task, fc.train, fc.max_steps) == ("m", "nsmc", "t.tsv", 7)
+    assert (fc.epochs, fc.warmup, fc.dropout, fc.eval_every, fc.save_every, fc.eval_batch_size) == (3.0, 0.1, -1.0, 0,
+                                                                                                     0, 64)
+    loop = fc.loop
+    assert (loop.out, loop.lr, loop.progress) == ("r", 1e-3, False)
+    assert (loop.batch_size, loop.grad_accum, loop.seq_len, loop.min_lr, loop.weight_decay, loop.beta1, loop.beta2,
+            loop.keep_last, loop.log_every, loop.sample_tokens, loop.seed, loop.dtype, loop.device) == (
+        32, 4, 64, 0.0, 0.01, 0.9, 0.999, 2, 10, 0, 1337, "bfloat16", "auto")
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -273,8 +305,8 @@ def test_an_earlier_run_is_refused_or_reported(nsmc_run, nsmc_file, tmp_path, ca
     one_line_error(capsys, base, "holds an earlier run", "--resume", "--overwrite")
     one_line_error(capsys, [*base, "--resume", "--epochs", "4", "--max-steps", "50", "--batch-size", "16",
                             "--grad-accum", "1"], "at step 90, past max_steps 50")
-    result = finetune(FinetuneConfig(model=lm, task="nsmc", train=str(nsmc_file), out=str(run), epochs=4,
-                                     eval_every=9, save_every=18, keep_last=10, resume=True, **TINY))
+    result = finetune(FinetuneConfig.from_settings(model=lm, task="nsmc", train=str(nsmc_file), out=str(run), epochs=4,
+                                                   eval_every=9, save_every=18, keep_last=10, resume=True, **TINY))
     assert (result.step, result.model_dir) == (90, run / "model")
     assert "nothing to train" in capsys.readouterr().out
     assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before

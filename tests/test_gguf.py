@@ -18,7 +18,8 @@ from conftest import KOREAN_LINES, ROOT, make_hf_model
 
 gguf = pytest.importorskip("gguf")
 
-from kogpt.hf.checkpoint import load_model
+from kogpt.core.layout import Layout
+from kogpt.hf.load import load
 from kogpt.errors import UserError
 from kogpt.hf.gguf import gguf_name, write_gguf
 
@@ -41,7 +42,7 @@ def fields(reader) -> dict:
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
 def test_gguf_tensors_and_metadata_match_the_model(gpt2_dir, tmp_path, dtype):
-    model = load_model(gpt2_dir, torch.float32)
+    model = load(gpt2_dir, Layout(torch.float32))
     cfg = model.config
     reader = gguf.GGUFReader(write_gguf(gpt2_dir, tmp_path / "m.gguf", dtype))
     meta = fields(reader)
@@ -273,7 +274,7 @@ def test_llama_cpp_greedy_text_equals_kogpt(tmp_path):
     bpe.save(str(folder / "tokenizer.json"))
     tok, prompt = Tokenizer.from_dir(folder), "오늘 날씨가 정말"
     ids = tok.encode(prompt)
-    new = generate_ids(load_model(folder, torch.float32), [ids], max_new_tokens=24)[0]
+    new = generate_ids(load(folder, Layout(torch.float32)), [ids], max_new_tokens=24)[0]
     byte = {c: b for b, c in enumerate(_byte_symbols())}
     want = bytes(byte[c] for i in ids + new for c in tok.id_to_token(i))  # raw bytes: pieces may split a syllable
     path = write_gguf(folder, tmp_path / "m.gguf", "f32")

@@ -7,9 +7,9 @@ import torch
 
 from conftest import make_hf_model
 
-from kogpt.hf.checkpoint import load_model
+from kogpt.hf.load import load
 from kogpt.core.config import GPTConfig
-from kogpt.core.kv_cache import KVCache
+from kogpt.core.kv_cache import Cache, KVCache
 from kogpt.core.model import GPT, apply_rope
 
 ATOL = 1e-4
@@ -42,14 +42,14 @@ def ids():
 
 @torch.no_grad()
 def test_full_forward_matches_transformers(hf_model, hf_dir, ids):
-    ours = load_model(hf_dir)
+    ours = load(hf_dir)
     expected = hf_model(ids).logits
     torch.testing.assert_close(ours(ids), expected, atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
 def test_cached_decoding_matches_transformers(hf_model, hf_dir, ids):
-    ours = load_model(hf_dir)
+    ours = load(hf_dir)
     expected = hf_model(ids).logits
     torch.testing.assert_close(cached_logits(ours, ids, 7), expected, atol=ATOL, rtol=0)
 
@@ -59,7 +59,7 @@ def test_greedy_tokens_match_transformers_generate(hf_model, hf_dir):
     prompt = torch.randint(0, 1000, (1, 8), generator=torch.Generator().manual_seed(2))
     expected = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                  max_new_tokens=32, min_new_tokens=32, pad_token_id=3)
-    got = greedy(load_model(hf_dir), prompt, 32)
+    got = greedy(load(hf_dir), prompt, 32)
     assert got.tolist() == expected.tolist()
     assert len(set(got[0, 8:].tolist())) > 1  # a degenerate single-token loop would prove little
 
@@ -67,7 +67,7 @@ def test_greedy_tokens_match_transformers_generate(hf_model, hf_dir):
 @torch.no_grad()
 def test_rows_of_different_lengths_share_one_cache(hf_dir):
     """Rows at different lengths in one batch give each row's own logits (no padding involved)."""
-    model = load_model(hf_dir)
+    model = load(hf_dir)
     g = torch.Generator().manual_seed(3)
     rows = [torch.randint(0, 1000, (n,), generator=g) for n in (5, 9, 2)]
     cache = KVCache.for_model(model.config, 3, 16)
@@ -83,6 +83,16 @@ def test_rows_of_different_lengths_share_one_cache(hf_dir):
     cache.reset(slice(1, 2))  # a freed row takes a new sequence
     again = model(rows[2][None], cache, slice(1, 2))[0]
     torch.testing.assert_close(again, model(rows[2][None])[0], atol=ATOL, rtol=0)
+
+
+def test_every_cache_the_model_is_given_declares_the_cache_protocol():
+    from kogpt.generation.compiled_step import _StaticCache
+    from kogpt.generation.steering import _PerturbedPast
+
+    kv, lengths = torch.zeros(1, 1, 1, 4, 2), torch.zeros(1, dtype=torch.long)  # (n_layer, B, nh, S, hs), (B,)
+    for cache in (KVCache(1, 1, 1, 4, 2), _StaticCache(kv, kv, lengths), _PerturbedPast(kv, kv)):
+        assert isinstance(cache, Cache)
+    assert not isinstance(object(), Cache)
 
 
 def test_half_rotation_is_not_gptj():
@@ -128,7 +138,7 @@ def test_config_validation():
 
 
 def test_dropout_acts_only_in_train_mode(hf_dir, ids):
-    plain, ours = load_model(hf_dir), load_model(hf_dir)
+    plain, ours = load(hf_dir), load(hf_dir)
     ours.set_dropout(0.3)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(ids), plain(ids), atol=0, rtol=0)
@@ -144,7 +154,7 @@ def test_gpt2_dropout_matches_transformers_in_train_mode(tmp_path, ids):
     """Same rate on embeddings, attention weights and both residual branches, drawn in transformers' order."""
     hf = make_hf_model("gpt2", resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2, attn_implementation="sdpa")
     hf.save_pretrained(tmp_path)
-    ours = load_model(tmp_path)
+    ours = load(tmp_path)
     ours.set_dropout(0.2)
     torch.manual_seed(5)
     expected = hf.train()(ids).logits

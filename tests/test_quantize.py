@@ -7,21 +7,38 @@ import torch
 import torch.nn as nn
 
 from kogpt.api import KoGPT
-from kogpt.hf.checkpoint import CheckpointError, load_model, save_model
-from kogpt.core.int8 import Int8Linear, fbgemm_available, quantize_int8
+from kogpt.core.int8 import Int8Linear, fbgemm_available
+from kogpt.core.layout import Layout
+from kogpt.hf.folder import CheckpointError
+from kogpt.hf.load import load
+from kogpt.hf.save import save_model
 
 KERNELS = ["int8pack", pytest.param("fbgemm", marks=pytest.mark.skipif(not fbgemm_available(), reason="no fbgemm"))]
+LAYOUT = {"int8pack": "int8", "fbgemm": "int8-dynamic"}
+
+
+def int8_linear(lin: nn.Linear, compute_dtype: torch.dtype, kernel: str) -> Int8Linear:
+    return Int8Linear.from_float(lin.weight, lin.bias, compute_dtype, kernel)
+
+
+def quantize_afterwards(model: nn.Module, kernel: str) -> nn.Module:
+    """The oracle: every nn.Linear of a loaded model swapped for an Int8Linear of its weights."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, int8_linear(child, child.weight.dtype, kernel))
+    return model
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_int8_linear_equals_dequantized_weights(kernel):
     torch.manual_seed(0)
     lin = nn.Linear(48, 80)
-    q = Int8Linear.from_linear(lin, compute_dtype=torch.float32, kernel=kernel)
+    q = int8_linear(lin, torch.float32, kernel)
     w = q.qweight.float() * q.scales[:, None]  # fbgemm: unpacked from its own layout
     assert q.qweight.dtype == torch.int8 and q.qweight.abs().max() <= 127
     assert (w - lin.weight).abs().max() <= q.scales.max() / 2 + 1e-6  # rounding error at most half a step
-    assert torch.equal(q.qweight, Int8Linear.from_linear(lin, torch.float32, "int8pack").qweight)
+    assert torch.equal(q.qweight, int8_linear(lin, torch.float32, "int8pack").qweight)
     for rows in (1, 5 * 7, 300):  # decode, a small batch, a prompt
         x = torch.randn(rows, 48)
         y, ref = q(x), x @ w.T + lin.bias
@@ -37,8 +54,8 @@ def test_int8_linear_equals_dequantized_weights(kernel):
 @pytest.mark.parametrize("kernel", KERNELS)
 @torch.no_grad()
 def test_quantized_model_tracks_the_float_model(hf_dir, kernel):
-    ref = load_model(hf_dir)
-    q = quantize_int8(load_model(hf_dir), kernel=kernel)
+    ref = load(hf_dir)
+    q = load(hf_dir, LAYOUT[kernel])
     assert sum(isinstance(m, Int8Linear) for m in q.modules()) == 4 * ref.config.n_layer + 1
     ids = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
     a, b = ref(ids), q(ids).float()
@@ -60,13 +77,12 @@ def test_dtype_int8_through_the_api(model_dir, tmp_path, dtype, kernel):
         save_model(gpt.model, tmp_path)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @torch.no_grad()
-def test_quantizing_while_reading_equals_quantizing_the_loaded_model(hf_dir):
-    """load_int8 never builds the float model, yet gives exactly the model quantize_int8 makes from it."""
-    from kogpt.hf.checkpoint import load_int8
-
-    streamed = load_int8(hf_dir)
-    whole = quantize_int8(load_model(hf_dir, torch.bfloat16))
+def test_quantizing_while_reading_equals_quantizing_the_loaded_model(hf_dir, kernel):
+    """load never builds the float model, yet gives exactly the model quantizing the loaded bf16 one makes."""
+    streamed = load(hf_dir, LAYOUT[kernel])
+    whole = quantize_afterwards(load(hf_dir, Layout(torch.bfloat16)), kernel)
     assert {n for n, m in streamed.named_modules() if isinstance(m, Int8Linear)} == \
         {n for n, m in whole.named_modules() if isinstance(m, Int8Linear)}
     for (n, a), (m, b) in zip(sorted(streamed.state_dict().items()), sorted(whole.state_dict().items())):

@@ -19,6 +19,8 @@ import openai
 import pytest
 import torch
 import uvicorn
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import KOREAN_LINES, make_hf_model
 from kogpt.api import KoGPT
@@ -113,10 +115,12 @@ def wait_for(predicate, timeout=5.0):
     return False
 
 
-def metric(url, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
+def metric(url, name: str, **labels: str) -> float:
+    """One sample of GET /metrics, e.g. metric(url, "kogpt_batch_size_bucket", le="1.0")."""
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
     raise KeyError(name)
 
 
@@ -284,12 +288,12 @@ def test_greedy_batched_equals_unbatched(url):
         return r.json()["choices"][0]["text"]
 
     alone = [one(p) for p in prompts]
-    steps_before = metric(url, "kogpt_batch_size_count") - metric(url, 'kogpt_batch_size_bucket{le="1"}')
+    steps_before = metric(url, "kogpt_batch_size_count") - metric(url, "kogpt_batch_size_bucket", le="1.0")
     r = httpx.post(f"{url}/v1/completions", json={"prompt": prompts, "max_tokens": 20, "temperature": 0}, timeout=30)
     assert [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])] == alone
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(one, prompts)) == alone
-    steps_after = metric(url, "kogpt_batch_size_count") - metric(url, 'kogpt_batch_size_bucket{le="1"}')
+    steps_after = metric(url, "kogpt_batch_size_count") - metric(url, "kogpt_batch_size_bucket", le="1.0")
     assert steps_after > steps_before  # some steps really decoded several rows
 
 
@@ -426,6 +430,60 @@ def test_metrics_and_health(url, client):
     assert metric(url, "kogpt_time_to_first_token_seconds_count") >= 1
     assert metric(url, "kogpt_generation_tokens_total") >= 3
     assert health(url)["status"] == "ok"
+
+
+FAMILIES = {"kogpt_http_requests": "counter", "kogpt_prompt_tokens": "counter", "kogpt_generation_tokens": "counter",
+            "kogpt_sequences_cancelled": "counter", "kogpt_time_to_first_token_seconds": "histogram",
+            "kogpt_request_latency_seconds": "histogram", "kogpt_batch_size": "histogram",
+            "kogpt_queue_depth": "gauge", "kogpt_running_sequences": "gauge", "kogpt_batch_slots": "gauge"}
+LATENCY_BOUNDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf")]
+
+
+def test_metrics_exposition_parses_whole_and_counts_one_request(tiny_dir, url):
+    """prometheus_client's parser reads all of /metrics: exactly the families above with their types and
+    buckets (no `_created` extras); a new app counts from zero beside the other servers of this process,
+    and one completion moves its counters by exactly that completion; an OpenMetrics scraper gets OpenMetrics."""
+    assert httpx.get(f"{url}/health").status_code == 200  # another app in this process counts a request
+
+    def scrape(u) -> dict:
+        r = httpx.get(f"{u}/metrics")
+        assert r.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        return {f.name: f for f in text_string_to_metric_families(r.text)}
+
+    def value(families, name, **labels) -> float:
+        return next(s.value for f in families.values() for s in f.samples if s.name == name and s.labels == labels)
+
+    with running(create_app(KoGPT.from_pretrained(tiny_dir, device="cpu"), max_batch_size=4)) as u:
+        before = scrape(u)
+        assert {name: f.type for name, f in before.items()} == FAMILIES
+        assert before["kogpt_http_requests"].samples == []  # this app's own registry: nothing counted yet
+        for name in ("kogpt_prompt_tokens_total", "kogpt_generation_tokens_total", "kogpt_batch_size_count"):
+            assert value(before, name) == 0
+        for name in ("kogpt_time_to_first_token_seconds", "kogpt_request_latency_seconds"):
+            bounds = [float(s.labels["le"]) for s in before[name].samples if s.name == name + "_bucket"]
+            assert bounds == LATENCY_BOUNDS
+        assert [float(s.labels["le"]) for s in before["kogpt_batch_size"].samples if s.labels] == \
+            [1, 2, 4, 8, 16, 32, 64, 128, float("inf")]
+        assert value(before, "kogpt_batch_slots") == 4
+
+        done = httpx.post(f"{u}/v1/completions", json={"prompt": "안녕하세요", "max_tokens": 5, "temperature": 0})
+        assert done.status_code == 200 and wait_for(lambda: idle(u))
+        used = done.json()["usage"]
+        after = scrape(u)
+        assert {name: f.type for name, f in after.items()} == FAMILIES
+        assert value(after, "kogpt_http_requests_total", path="/v1/completions", status="200") == 1
+        assert value(after, "kogpt_http_requests_total", path="/metrics", status="200") == 1  # the first scrape
+        assert value(after, "kogpt_prompt_tokens_total") == used["prompt_tokens"]
+        assert value(after, "kogpt_generation_tokens_total") == used["completion_tokens"] == 5
+        assert value(after, "kogpt_batch_size_sum") == value(after, "kogpt_batch_size_count") == 5  # batch of one
+        for name in ("kogpt_time_to_first_token_seconds", "kogpt_request_latency_seconds"):
+            assert value(after, name + "_count") == 1 and value(after, name + "_bucket", le="+Inf") == 1
+        assert value(after, "kogpt_sequences_cancelled_total") == 0
+        assert value(after, "kogpt_queue_depth") == value(after, "kogpt_running_sequences") == 0
+
+        r = httpx.get(f"{u}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        assert r.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+        assert {f.name: f.type for f in openmetrics_families(r.text)} == FAMILIES
 
 
 # -- the CLI: api key, limits, chat template file ------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kogpt.api import KoGPT
-from kogpt.hf.checkpoint import load_model
+from kogpt.hf.load import load
 from kogpt.generation.engine import Engine, Request, generate_ids
 from kogpt.core.kv_cache import KVCache
 from kogpt.generation.sampling import GREEDY, SamplingConfig
@@ -154,32 +154,32 @@ def reference(model, prompt, n, bow_ids, cfg, penalty=1.0):
 
 @pytest.mark.parametrize("knobs", [{}, {"window_length": 3, "grad_length": 4}], ids=["default", "window-grad_length"])
 def test_engine_steering_equals_upstream_reference(hf_dir, knobs):
-    model = load_model(hf_dir)
+    model = load(hf_dir)
     cfg = PPLMConfig(stepsize=0.5, **knobs)  # large enough to change the greedy path of a random model
     bow_ids = [17, 101, 230, 499]
     bag = BagOfWords("t", [], [(i,) for i in bow_ids])
     prompt = [5, 60, 70, 8, 9]
-    got = generate_ids(model, [prompt], max_new_tokens=8, sampling=GREEDY, steer=[Steerer([bag], cfg)])[0]
+    got = generate_ids(model, [prompt], max_new_tokens=8, sampling=GREEDY, hooks=[[Steerer([bag], cfg)]])[0]
     assert got == reference(model, prompt, 8, bow_ids, cfg)
     if not knobs:
         assert got != generate_ids(model, [prompt], max_new_tokens=8, sampling=GREEDY)[0]
     # the repetition penalty acts on the fused distribution as on plain logits
     s = SamplingConfig(do_sample=False, repetition_penalty=3.0)
-    got = generate_ids(model, [prompt], max_new_tokens=16, sampling=s, steer=[Steerer([bag], cfg)])[0]
+    got = generate_ids(model, [prompt], max_new_tokens=16, sampling=s, hooks=[[Steerer([bag], cfg)]])[0]
     assert got == reference(model, prompt, 16, bow_ids, cfg, penalty=3.0)
 
 
 def test_a_steered_row_batched_with_others_equals_its_solo_run(hf_dir):
-    model = load_model(hf_dir)
+    model = load(hf_dir)
     bag = BagOfWords("t", [], [(17,), (101, 230)])
     a, b = [5, 60, 70, 8, 9], [44, 3]
     mk = lambda: Steerer([bag], PPLMConfig(stepsize=0.5))  # noqa: E731
-    solo_a = generate_ids(model, [a], max_new_tokens=10, steer=[mk()])[0]
+    solo_a = generate_ids(model, [a], max_new_tokens=10, hooks=[[mk()]])[0]
     solo_b = generate_ids(model, [b], max_new_tokens=10)[0]
-    assert generate_ids(model, [b, a], max_new_tokens=10, steer=[None, mk()]) == [solo_b, solo_a]
+    assert generate_ids(model, [b, a], max_new_tokens=10, hooks=[(), [mk()]]) == [solo_b, solo_a]
     shared = mk()
     with pytest.raises(SteeringError, match="one request"):
-        generate_ids(model, [a, b], max_new_tokens=4, steer=[shared, shared])
+        generate_ids(model, [a, b], max_new_tokens=4, hooks=[[shared], [shared]])
 
 
 class Failing(Steerer):
@@ -203,14 +203,14 @@ class Failing(Steerer):
 
 @pytest.mark.parametrize("at_start", [False, True])
 def test_a_failing_steered_request_ends_alone(hf_dir, at_start):
-    model = load_model(hf_dir)
+    model = load(hf_dir)
     bag = BagOfWords("t", [], [(17,), (101, 230)])
     a, b = [5, 60, 70, 8, 9], [44, 3]
     solo_b = generate_ids(model, [b], max_new_tokens=10)[0]
     engine = Engine(model, slots=2)
     failing = Failing([bag], PPLMConfig(stepsize=0.5), at_start=at_start)
     engine.submit(Request(b, 10, key="b"))
-    engine.submit(Request(a, 10, key="a", steer=failing))
+    engine.submit(Request(a, 10, key="a", hooks=[failing]))
     events = [ev for _ in range(20) for ev in engine.step()]
     (err,) = [ev for ev in events if ev.finish == "error"]
     assert err.key == "a" and err.token == -1 and "boom" in str(err.error)
@@ -218,7 +218,7 @@ def test_a_failing_steered_request_ends_alone(hf_dir, at_start):
     assert [ev.token for ev in events if ev.key == "b"] == solo_b and engine.idle
     assert failing.shadow is None and int(engine.cache.lengths.sum()) == 0  # its caches were freed
     with pytest.raises(RuntimeError, match="boom"):  # generate() hands the error to its caller
-        generate_ids(model, [b, a], max_new_tokens=10, steer=[None, Failing([bag], PPLMConfig(stepsize=0.5))])
+        generate_ids(model, [b, a], max_new_tokens=10, hooks=[(), [Failing([bag], PPLMConfig(stepsize=0.5))]])
 
 
 class Recording(Steerer):
@@ -237,10 +237,10 @@ class Recording(Steerer):
 
 
 def test_steering_raises_the_bags_probability_every_step(hf_dir):
-    model = load_model(hf_dir)
+    model = load(hf_dir)
     bag = BagOfWords("t", [], [(17,), (101, 230), (499, 12, 40)])
     steer = Recording([bag], PPLMConfig(stepsize=0.05))
-    generate_ids(model, [[5, 60, 70, 8, 9, 33]], max_new_tokens=12, sampling=GREEDY, steer=[steer])
+    generate_ids(model, [[5, 60, 70, 8, 9, 33]], max_new_tokens=12, sampling=GREEDY, hooks=[[steer]])
     assert len(steer.mass) == 12
     assert all(s > u for s, u in steer.mass), steer.mass
 
@@ -249,17 +249,15 @@ def test_steering_raises_the_bags_probability_every_step(hf_dir):
 def test_zero_stepsize_through_the_loop_changes_nothing(hf_dir, dtype):
     """The whole steered path (shadow cache, perturbation, fusion) with stepsize 0 gives the unsteered
     greedy tokens; gradients flow through packed bf16 and int8 layers too."""
-    from kogpt.api import load_inference_model
-
-    model = load_inference_model(hf_dir, dtype)  # int8: weight-only (int8-dynamic's rounding depends on the batch)
+    model = load(hf_dir, dtype)  # int8: weight-only (int8-dynamic's rounding depends on the batch)
     bag = BagOfWords("t", [], [(17,), (101, 230)])
     ps = [[5, 60, 70, 8, 9], [44]]
     plain = generate_ids(model, ps, max_new_tokens=10, sampling=GREEDY)
     steered = generate_ids(model, ps, max_new_tokens=10, sampling=GREEDY,
-                           steer=[Steerer([bag], PPLMConfig(stepsize=0.0)), None])
+                           hooks=[[Steerer([bag], PPLMConfig(stepsize=0.0))], ()])
     assert steered == plain
     moved = generate_ids(model, ps[:1], max_new_tokens=10, sampling=GREEDY,
-                         steer=[Steerer([bag], PPLMConfig(stepsize=2.0))])
+                         hooks=[[Steerer([bag], PPLMConfig(stepsize=2.0))]])
     assert moved != plain[:1]  # and a real step does move it (the gradient path works in this dtype)
 
 

@@ -23,8 +23,9 @@ from kogpt.core.model import GPT
 from kogpt.training.optim import flops_per_token, lr_at, param_groups
 from kogpt.training.loss import LMLoss, linear_cross_entropy
 from kogpt.training.run_log import RunLog, read_log
-from kogpt.training.loop import LMTask, train
-from kogpt.training.config import TrainConfig, load_config
+from kogpt.training.loop import train
+from kogpt.training.config import TrainConfig, read_train_config
+from kogpt.training.pretrain import LMObjective
 from kogpt.training.state import checkpoints
 
 from test_data import corpus, data_dir, make_tokenizer, tok_dir  # noqa: F401  (session fixtures: a prepared two-source corpus)
@@ -96,19 +97,26 @@ def test_flops_per_token_is_6n_plus_attention():
 def test_toml_config_with_flag_overrides(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('data = "d"\nlr = 1e-3\nmax_steps = 50\ncompile = true\n[weights]\nkowiki = 2\n', encoding="utf-8")
-    cfg = load_config(path, {"max_steps": 7})
+    cfg = read_train_config(path, {"max_steps": 7})
     assert (cfg.data, cfg.lr, cfg.max_steps, cfg.compile, cfg.weights) == ("d", 1e-3, 7, True, {"kowiki": 2})
     path.write_text("lerning_rate = 1e-3\n", encoding="utf-8")
     with pytest.raises(UserError, match="unknown key 'lerning_rate'"):
-        load_config(path)
+        read_train_config(path)
     path.write_text('max_steps = "ten"\n', encoding="utf-8")
     with pytest.raises(UserError, match="max_steps must be a int"):
-        load_config(path)
+        read_train_config(path)
+
+
+def test_every_setting_is_one_train_flag():
+    from kogpt.cli.train import GROUPS
+    from kogpt.training.config import FIELDS
+
+    assert sorted(" ".join(GROUPS.values()).split()) == sorted(FIELDS)
 
 
 # -- the loop -----------------------------------------------------------------------------------
-class OneBatch(LMTask):
-    """The same batch at every step: a task plugged into the loop (as finetuning will)."""
+class OneBatch(LMObjective):
+    """The same batch at every step: an objective plugged into the loop (as finetuning's is)."""
 
     def micro_batches(self, step, n_micro):
         return super().micro_batches(0, n_micro)
@@ -117,7 +125,7 @@ class OneBatch(LMTask):
 def test_overfits_one_batch(data_dir, tmp_path):  # noqa: F811
     cfg = small_config(data_dir, tmp_path, max_steps=60, warmup_steps=5, lr=1e-2, grad_accum=1, save_every=0,
                        sample_tokens=0)
-    train(cfg, task=OneBatch(cfg, json.loads((data_dir / "meta.json").read_text()), _env()))
+    train(cfg, objective=OneBatch(cfg, json.loads((data_dir / "meta.json").read_text()), _env()))
     log = losses(tmp_path)
     assert log[1] > 6.5 and log[60] < 0.5, log  # from ln(1000) ≈ 6.9 to memorized
 
@@ -164,11 +172,11 @@ def test_dropout_trains_with_masks_validates_without_and_resumes_exactly(data_di
     train(small_config(data_dir, tmp_path / "b", resume=True, **kw))
     assert [losses(tmp_path / "b")[s] for s in (3, 4)] == [losses(tmp_path / "a")[s] for s in (3, 4)]
     cfg = small_config(data_dir, tmp_path / "c", **kw)
-    task = LMTask(cfg, json.loads((data_dir / "meta.json").read_text()), _env())
-    model = task.start(cfg, task.env, None).train()
-    batch = task.micro_batches(0, 1)[0]
+    objective = LMObjective(cfg, json.loads((data_dir / "meta.json").read_text()), _env())
+    model = objective.start(cfg, objective.env, None).train()
+    batch = objective.micro_batches(0, 1)[0]
     assert LMLoss(model)(batch).item() != LMLoss(model)(batch).item()  # masked while training
-    first, second = task.evaluate(LMLoss(model), nullcontext()), task.evaluate(LMLoss(model), nullcontext())
+    first, second = objective.evaluate(LMLoss(model), nullcontext()), objective.evaluate(LMLoss(model), nullcontext())
     assert first["val_loss"] == second["val_loss"] and model.training  # validation without, then back
 
 
@@ -322,10 +330,10 @@ def test_training_sample_follows_the_start_token_rule(data_dir, monkeypatch):  #
 def test_final_folder_loads_in_transformers_with_the_same_logits(run_a):
     import transformers
 
-    from kogpt.hf.checkpoint import load_model
+    from kogpt.hf.load import load
 
     folder = run_a / "model"
-    ours = load_model(folder)
+    ours = load(folder)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-4, rtol=0)
@@ -495,7 +503,7 @@ def test_bad_inputs_give_one_line_errors(data_dir, tok_dir, run_a, tmp_path):  #
     _one_line_error(kogpt("train", "--config", str(tmp_path / "typo.toml")), "unknown key 'max_step'",
                     "did you mean 'max_steps'")
     small = GPT(GPTConfig.preset("tiny-gpt2").replace(vocab_size=500))
-    from kogpt.hf.checkpoint import save_model
+    from kogpt.hf.save import save_model
 
     save_model(small, tmp_path / "small")
     _one_line_error(kogpt("train", "--data", str(data_dir), "--init-from", str(tmp_path / "small"),
@@ -505,5 +513,11 @@ def test_bad_inputs_give_one_line_errors(data_dir, tok_dir, run_a, tmp_path):  #
     make_tokenizer([data_dir / "tokenizer" / "tokenizer.json"], other, vocab_size=600)  # any other text
     _one_line_error(kogpt("train", "--data", str(data_dir), "--init-from", str(other), "--out", str(tmp_path / "r")),
                     "vocab mismatch", "own tokenizer")
+    from kogpt.core.classifier import Classifier, Head
+
+    save_model(Classifier(GPT(GPTConfig.preset("tiny-gpt2").replace(vocab_size=1000)), 2), tmp_path / "clf",
+               Head("nsmc", ("0", "1")))
+    _one_line_error(kogpt("train", "--data", str(data_dir), "--init-from", str(tmp_path / "clf"),
+                          "--out", str(tmp_path / "r")), "finetuned classifier", "--init-from takes a language model")
     _one_line_error(kogpt("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")),
                     "meta.json is missing")

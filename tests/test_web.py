@@ -1,6 +1,6 @@
 """The web playground in headless Chromium (Debian's /usr/bin/chromium driven by Playwright): type a
 Korean prompt, Generate, watch Korean text stream in, Stop, read an error; saves a screenshot.
-KOGPT_UPDATE_SCREENSHOT=1 also writes docs/playground.png for the README."""
+KOGPT_UPDATE_SCREENSHOT=1 also writes docs/playground.png (README and docs/serving.md)."""
 
 from __future__ import annotations
 

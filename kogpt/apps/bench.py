@@ -75,7 +75,7 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
 def decode_bytes(folder: Path, dtype: str) -> int:
     """Weight bytes one batch-1 decode step reads: every linear layer and the output head (one
     embedding row per token is negligible)."""
-    from ..hf.checkpoint import load_config
+    from ..hf.folder import load_config
 
     c = load_config(folder)
     per_layer = 4 * c.n_embd * c.n_embd + 2 * c.n_embd * c.mlp_dim  # qkv, proj, fc, mlp proj
@@ -108,9 +108,10 @@ def time_linears(model, batch: int, steps: int) -> float:
 
 
 def _kogpt(folder: Path, dtype: str, compile: bool = False):
-    from ..api import load_inference_model
+    from ..core.layout import Layout
+    from ..hf.load import load
 
-    return load_inference_model(folder, dtype, "cpu", compile=compile)
+    return load(folder, Layout.parse(dtype, plain=compile), "cpu")
 
 
 def _kogpt_generate(model, ids: torch.Tensor, n: int, step_fn=None):
@@ -141,8 +142,8 @@ def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True,
     """Decode tokens/s (batch 1 and 8) and time to first token, kogpt (with compile: its torch.compile'd
     decode step, compiled during the warm-up) and (optionally) transformers; for eager kogpt also
     linears_b1, the batch-1 tokens/s of its linear layers alone (time_linears)."""
-    from ..api import INT8_NAMES
-    from ..hf.checkpoint import read_json
+    from ..core.dtypes import INT8
+    from ..hf.folder import read_json
 
     cfg = read_json(folder / "config.json")
     vocab, ctx = cfg["vocab_size"], cfg.get("n_positions", 2048)
@@ -157,7 +158,7 @@ def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True,
         step = CompiledStep()
         gen = lambda model, ids, n: _kogpt_generate(model, ids, n, step)  # noqa: E731
     engines = {"kogpt": (_kogpt(folder, dtype, compile), gen)}
-    if peer and dtype not in INT8_NAMES:
+    if peer and dtype not in INT8:
         engines["transformers"] = (_hf(folder, dtype), _hf_generate)
     for model, gen in engines.values():  # warm-up: first calls allocate and pick kernels (and compile)
         gen(model, ids1, 4)
@@ -211,7 +212,7 @@ _GGUF_DTYPE = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "q8_0", "in
 
 def _shape(folder: Path) -> tuple[int, int]:
     # the prompt and new-token counts measure_speed uses for TTFT and decode, capped by the context
-    from ..hf.checkpoint import read_json
+    from ..hf.folder import read_json
 
     ctx = read_json(folder / "config.json").get("n_positions", 2048)
     return min(LONG, ctx - 1), min(NEW, ctx - PROMPT)
@@ -260,8 +261,8 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
     """One row per dtype with kogpt and transformers numbers and their ratios (and llama.cpp's, when
     `llama_bench` is the path of a llama-bench binary and the model is GPT-2 family); with compile, a
     second row per float dtype for kogpt's torch.compile'd decode step against the same peer."""
-    from ..api import INT8_NAMES
-    from ..hf.checkpoint import load_config
+    from ..core.dtypes import INT8
+    from ..hf.folder import load_config
 
     rows, peer_speed, llama = [], {}, {}
     if llama_bench and load_config(folder).family != "gpt2":
@@ -278,7 +279,7 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
                "bandwidth_gbs": bandwidth, "roofline_b1": bandwidth * 1e9 / decode_bytes(folder, dtype)}
         log(f"[{dtype}] load time and peak RSS ...")
         row.update({f"kogpt_{k}": v for k, v in measure_load(folder, dtype, "kogpt").items()})
-        peer_dtype = "fp32" if dtype in INT8_NAMES else dtype  # int8 is compared with transformers fp32
+        peer_dtype = "fp32" if dtype in INT8 else dtype  # int8 is compared with transformers fp32
         if peer:
             if peer_dtype not in peer_speed:
                 peer_speed[peer_dtype] = measure_speed(folder, peer_dtype, repeats)["transformers"]
@@ -301,7 +302,7 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
                 row["ratio_llama_b1"] = row["kogpt_b1"] / row["llama_b1"]
                 row["ratio_llama_ttft"] = row["kogpt_ttft"] / row["llama_ttft"]
         rows.append(row)
-        if compile and dtype not in INT8_NAMES:  # int8 layers are opaque to torch.compile
+        if compile and dtype not in INT8:  # int8 layers are opaque to torch.compile
             log(f"[{dtype} compiled] decode speed ...")
             fast = measure_speed(folder, dtype, repeats, peer=False, compile=True)["kogpt"]
             crow = {**{k: v for k, v in row.items() if k.startswith(("dtype", "hf_", "peer_", "bandwidth", "roofline"))},

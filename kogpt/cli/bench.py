@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
-from .common import DTYPE_NAMES
+from ..core import dtypes
 
 NAME = "bench"
 HELP = "benchmark kogpt against transformers on the same weights (table with ratios)"
@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="model folder to benchmark (default: random weights of --preset's shape)")
     p.add_argument("--preset", default="kogpt2-base-v2", help="shape for random weights (default: kogpt2-base-v2)")
-    p.add_argument("--dtype", action="append", choices=DTYPE_NAMES[1:], default=None,
+    p.add_argument("--dtype", action="append", choices=dtypes.NAMES[1:], default=None,
                    help=f"dtypes to measure (repeatable; default: {', '.join(DEFAULT_DTYPES)})")
     p.add_argument("--repeats", type=int, default=3, help="repetitions per measure; the median is reported")
     p.add_argument("--no-peer", action="store_true", help="skip transformers (kogpt numbers only)")
@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..apps import bench
 
-    from ..hf.checkpoint import load_config
+    from ..hf.folder import load_config
     from ..core.config import PRESETS
 
     if args.repeats < 1:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..core import dtypes  # torch-free: --help stays fast
 from ..errors import UserError
-
-DTYPE_NAMES = ("auto", "fp32", "bf16", "fp16", "int8", "int8-dynamic")  # as kogpt.api.DTYPE_NAMES (not imported: keeps --help fast)
-
 
 
 def default_model() -> str | None:
@@ -28,7 +26,7 @@ def add_model_arguments(p: argparse.ArgumentParser, decodes: bool = False) -> No
                         + (f" (default: {default}, bundled)" if default else ""))
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit), e.g. KoGPT6B-ryan1.5b-float16")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
-    g.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
+    g.add_argument("--dtype", default="auto", choices=dtypes.NAMES,
                    help="weights dtype (default: the checkpoint's); int8 = int8 weights with bf16 activations; "
                         "int8-dynamic = int8 weights and inputs (fbgemm: fastest CPU decode, twice int8's memory)")
     g.add_argument("-d", "--debug", action="store_true", help="show token ids, timings and full tracebacks")
@@ -64,7 +62,7 @@ def add_steering_arguments(p: argparse.ArgumentParser) -> None:
                    help="steer toward a bundled topic (sports 스포츠, economy 경제, politics 정치, science 과학, "
                         "fantasy 판타지, horror 공포, mystery 추리, space 우주) or a word-list file (repeatable)")
     g.add_argument("--bow-words", default=None, metavar="W1,W2,...", help="steer toward these comma-separated words")
-    for name, kind in PPLM_FLAGS.items():  # defaults: upstream PPLM's (kogpt.generation.steering.PPLMConfig, README)
+    for name, kind in PPLM_FLAGS.items():  # defaults: upstream PPLM's (kogpt.generation.steering.PPLMConfig; docs/steering.md)
         g.add_argument(f"--pplm-{name.replace('_', '-')}", type=kind, default=None, metavar="N" if kind is int else "X",
                        help=f"PPLM {name}" + ("; 0 turns steering off" if name == "stepsize" else ""))
 
@@ -135,8 +133,8 @@ def load(args: argparse.Namespace):
 
 def classifier_folder(args: argparse.Namespace):
     """The resolved --model folder when it holds a finetuned classifier, else None."""
-    from ..hf.checkpoint import resolve
-    from ..evaluation.classifier import is_classifier
+    from ..hf.folder import is_classifier
+    from ..hf.hub import resolve
 
     if not args.model:
         return None  # load() names the missing flag
@@ -146,15 +144,15 @@ def classifier_folder(args: argparse.Namespace):
 
 def load_classifier(args: argparse.Namespace, folder):
     """(Classifier, Head, Tokenizer) of a classifier folder for --device/--dtype, with status lines on stderr."""
-    from ..api import default_device, inference_layout, parse_dtype
-    from ..hf.checkpoint import CheckpointError
-    from ..evaluation.classifier import load_classifier as load_folder
+    from ..api import default_device
+    from ..hf.folder import CheckpointError, read_head
+    from ..hf.load import load as load_folder
     from ..text.tokenizer import Tokenizer
 
     _check_device(args)
     print(f"loading {args.model} (finetuned classifier) ...", file=sys.stderr, flush=True)
-    model, head = load_folder(folder, parse_dtype(args.dtype), args.device or default_device())
-    model = inference_layout(model, args.dtype)
+    head = read_head(folder)[0]
+    model = load_folder(folder, args.dtype, args.device or default_device())
     try:
         tok = Tokenizer.from_dir(folder)
     except (OSError, ValueError) as e:

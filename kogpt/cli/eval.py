@@ -1,8 +1,9 @@
 """`kogpt eval`: perplexity of a text file, or NSMC / KLUE-YNAT / KLUE-STS / KorSTS few-shot or finetuned.
 
-Reads the data first (a bad file fails before the model loads), calls one function of
-kogpt.evaluation.evaluate, prints a Markdown table and optionally writes the full result as JSON. A model
-folder holding a finetuned classifier (`kogpt finetune`) is scored with its own head, no prompts.
+Reads the data first (a bad file fails before the model loads), calls one evaluation function
+(kogpt.evaluation: perplexity, fewshot or finetuned), prints a Markdown table and optionally writes the
+full result as JSON. A model folder holding a finetuned classifier (`kogpt finetune`) is scored with its
+own head, no prompts.
 
     kogpt eval --model DIR --task nsmc --data ratings_test.txt --shots 5 --fewshot-data ratings_train.txt
 """
@@ -53,10 +54,13 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hf.checkpoint import write_json
-    from ..evaluation.classifier import check_head, read_head
-    from ..evaluation.evaluate import (evaluate_fewshot, evaluate_finetuned, evaluate_perplexity, json_ready, markdown_table,
-                            read_documents)
+    from ..evaluation.classify import check_head
+    from ..fileio import write_json
+    from ..hf.folder import read_head
+    from ..evaluation.fewshot import evaluate_fewshot
+    from ..evaluation.finetuned import evaluate_finetuned
+    from ..evaluation.perplexity import evaluate_perplexity, read_documents
+    from ..evaluation.report import json_ready, markdown_table
     from ..evaluation.tasks import get_task
 
     _check(args)

@@ -1,8 +1,9 @@
 """`kogpt finetune`: a classification / regression head on a GPT for NSMC, KLUE-YNAT, KorSTS, KLUE-STS.
 
-Every FinetuneConfig field is a flag, documented once in kogpt/finetune.py. Runs on the pretraining
-loop (bf16, progress bar, atomic checkpoints, --resume, torchrun); the best validation checkpoint
-is written to OUT/model in HF format, which `kogpt eval --model OUT/model` scores with its head.
+Every FinetuneConfig field is a flag, and so are the settings of the training loop it holds (TrainConfig
+fields, spelled and checked as in `kogpt train`, with the KoGPT2-subtasks recipe's defaults). Runs on
+the pretraining loop (bf16, progress bar, atomic checkpoints, --resume, torchrun); the best validation
+checkpoint is written to OUT/model in HF format, which `kogpt eval --model OUT/model` scores with its head.
 """
 
 from __future__ import annotations
@@ -18,28 +19,39 @@ EPILOG = """examples:
 """
 
 
+# `kogpt finetune --help`, group by group: FinetuneConfig's own settings and those of its loop (TrainConfig)
+GROUPS = {
+    "what to finetune, on what": "model revision task train val val_fraction out limit",
+    "batch and schedule (the KoGPT2-subtasks recipe: 32 × 4 = 128 inputs a step)":
+        "epochs max_steps batch_size grad_accum seq_len lr warmup weight_decay dropout",
+    "validation, logging and checkpoints": "eval_every eval_batch_size save_every keep_last log_every resume overwrite",
+    "runtime": "seed dtype device fsdp progress",
+}
+
+
+def _fields() -> dict:
+    from ..training.config import FIELDS as LOOP
+    from ..training.finetune import FIELDS
+
+    return {**LOOP, **FIELDS}  # a name in both (max_steps, dropout, eval_every, save_every) is finetuning's own
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..training.finetune import FIELDS, SECTIONS
+    from ..training.finetune import LOOP_HELP, FinetuneConfig
     from .common import default_model
+    from .config_flags import add_config_flags
 
     p.epilog, p.formatter_class = EPILOG, argparse.RawDescriptionHelpFormatter
-    group = p
-    for name, f in FIELDS.items():
-        if name in SECTIONS:
-            group = p.add_argument_group(SECTIONS[name])
-        default = (default_model() or "") if name == "model" else f.default
-        flag, help = "--" + name.replace("_", "-"), f.metadata["help"] + (f" (default: {default!r})" if default else "")
-        if f.type == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
-        else:
-            metavar = f.metadata.get("metavar") or {"int": "N", "float": "X"}.get(f.type, name.split("_")[-1].upper())
-            group.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=default,
-                               metavar=metavar, help=help)
+    fc = FinetuneConfig()
+    add_config_flags(p, GROUPS, _fields(), {**vars(fc.loop), **vars(fc), "model": default_model() or ""}, LOOP_HELP)
     p.add_argument("-d", "--debug", action="store_true", help="show full tracebacks")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.finetune import FIELDS, FinetuneConfig, finetune
+    from ..training.finetune import FinetuneConfig, finetune
+    from .common import default_model
+    from .config_flags import given
 
-    result = finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k in FIELDS}))
+    settings = {"model": default_model() or "", **given(args, _fields())}
+    result = finetune(FinetuneConfig.from_settings(**settings))
     return 128 + result.signal if result.signal else 0

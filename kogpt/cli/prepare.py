@@ -49,7 +49,7 @@ def parse_weights(specs: list[str]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hf.checkpoint import local_folder
+    from ..hf.hub import local_folder
     from ..data.tokens import prepare
 
     meta = prepare(args.input, local_folder(args.tokenizer) or args.tokenizer, args.out, val_fraction=args.val_fraction,

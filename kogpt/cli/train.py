@@ -1,6 +1,6 @@
 """`kogpt train`: pretrain (or continue pretraining) a GPT on data from `kogpt prepare`.
 
-Every TrainConfig field is a flag (built from the field's own help) and a TOML key of --config;
+Every TrainConfig field is a flag (config_flags builds it from the field's own help) and a TOML key of --config;
 flags win over the file. Under `torchrun --nproc_per_node N -m kogpt train ...` it runs DDP.
 An --out that holds an earlier run is refused unless --resume or --overwrite says what to do with it.
 """
@@ -19,34 +19,35 @@ EPILOG = """examples:
 """
 
 
+# `kogpt train --help`, group by group: every TrainConfig field once
+GROUPS = {
+    "data, model and run folder": "data out preset init_from n_layer n_embd n_head resume overwrite",
+    "batch: a step sees batch_size × grad_accum sequences of seq_len tokens, on any number of processes":
+        "batch_size grad_accum seq_len max_steps",
+    "optimizer and schedule": "lr min_lr warmup_steps weight_decay dropout beta1 beta2 grad_clip weights",
+    "validation, logging and checkpoints": "eval_every eval_batches sample_prompt sample_tokens log_every save_every "
+                                           "keep_last",
+    "runtime": "seed dtype device compile fsdp peak_flops progress",
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..training.config import FIELDS, SECTIONS
+    from ..training.config import FIELDS
+    from .config_flags import add_config_flags
 
     p.epilog, p.formatter_class = EPILOG, argparse.RawDescriptionHelpFormatter
     p.add_argument("--config", metavar="FILE.toml", help="TOML file of settings (keys as the flags, with _ for -)")
-    group = p
-    for name, f in FIELDS.items():
-        if name in SECTIONS:
-            group = p.add_argument_group(SECTIONS[name])
-        flag, help = "--" + name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default!r})"
-        if f.type == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
-        elif f.type == "dict":
-            group.add_argument("--weight", dest=name, action="append", default=argparse.SUPPRESS,
-                               metavar=f.metadata["metavar"], help=f.metadata["help"] + " (repeatable)")
-        else:
-            metavar = {"int": "N", "float": "X"}.get(f.type, name.split("_")[-1].upper())
-            group.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type],
-                               default=argparse.SUPPRESS, metavar=metavar, help=help)
+    add_config_flags(p, GROUPS, FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..training.config import FIELDS, read_train_config
     from ..training.loop import train
-    from ..training.config import FIELDS, load_config
+    from .config_flags import given
     from .prepare import parse_weights
 
-    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+    overrides = given(args, FIELDS)
     if "weights" in overrides:
         overrides["weights"] = parse_weights(overrides["weights"])
-    result = train(load_config(args.config, overrides))
+    result = train(read_train_config(args.config, overrides))
     return 128 + result.signal if result.signal else 0

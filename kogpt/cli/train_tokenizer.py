@@ -39,9 +39,9 @@ def _check(args: argparse.Namespace) -> None:
     from ..data.corpus import check_split_options
     from ..errors import UserError
     from ..fileio import check_output_dir
-    from ..text.tokenizer import BYTE_TOKENS, EMOTICONS, MIN_LEARNED, SPECIAL_TOKENS
+    from ..text.bpe import MIN_LEARNED, reserved_tokens
 
-    smallest = len(dict.fromkeys([*SPECIAL_TOKENS, *EMOTICONS, *BYTE_TOKENS])) + MIN_LEARNED  # as train_tokenizer
+    smallest = len(reserved_tokens()) + MIN_LEARNED
     if not smallest <= args.vocab_size <= MAX_VOCAB:
         raise UserError(f"--vocab-size must be in [{smallest}, {MAX_VOCAB}] ({smallest - MIN_LEARNED} ids are "
                         f"reserved for special, emoji and byte tokens), got {args.vocab_size}")
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data.corpus import chars_per_token, find_sources, scan, write_training_text
     from ..errors import UserError
-    from ..text.tokenizer import train_tokenizer
+    from ..text.bpe import train_tokenizer
 
     _check(args)
     sources = find_sources(args.input)

@@ -1,4 +1,4 @@
-"""int8 weights: every Linear becomes int8 weights with one scale per output channel.
+"""int8 linear layers: int8 weights with one scale per output channel.
 
 Symmetric per-channel rounding: w ≈ q · s with q in [-127, 127], s = max|w_row| / 127. Embeddings
 and LayerNorms keep the compute dtype (bf16); a tied lm_head gets its own int8 copy.
@@ -15,8 +15,9 @@ Two kernels on CPU (measured on this project's 2-core AVX-512 machine, `kogpt be
   ones (twice int8's memory). Only the kernel ops are used, not the deprecated torch.ao.quantization
   flow; the input quantization adds ~1% relative output error.
 Other devices, and inputs that need gradients (PPLM steering), use the dequantized weights.
+The loader makes these layers as it reads each weight (core/layout.py, "int8" and "int8-dynamic").
 
-    model = quantize_int8(load_model(folder, dtype=torch.bfloat16))
+    layer = Int8Linear.from_float(weight, bias, torch.bfloat16, kernel="fbgemm")
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from .packed import swap_linears
 
 _HAS_INT8PACK = hasattr(torch, "_weight_int8pack_mm")
 PREFILL_ROWS = 128  # int8pack: from this many rows (a prompt) a dequantized bf16 GEMM is faster
@@ -86,10 +85,11 @@ class Int8Linear(nn.Module):
             return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16,
-                    kernel: str = "auto") -> "Int8Linear":
-        q, scales = quantize_weight(linear.weight.detach())
-        return cls(q, scales, None if linear.bias is None else linear.bias.detach(), compute_dtype, kernel)
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16,
+                   kernel: str = "auto") -> "Int8Linear":
+        """The layer of a float weight (out, in) and bias, quantized per output channel (quantize_weight)."""
+        q, scales = quantize_weight(weight.detach())
+        return cls(q, scales, None if bias is None else bias.detach(), compute_dtype, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -126,8 +126,3 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q[rows] = w[rows].to(torch.float32, copy=True).div_(scales[rows, None]).round_().clamp_(-127, 127)
     return q, scales
 
-
-def quantize_int8(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16, kernel: str = "auto") -> nn.Module:
-    """Swap every nn.Linear of `model` for an Int8Linear, in place; the rest moves to compute_dtype."""
-    swap_linears(model, lambda linear: Int8Linear.from_linear(linear, compute_dtype, kernel))
-    return model.to(compute_dtype)

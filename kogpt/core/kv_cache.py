@@ -4,15 +4,36 @@ Keys/values of every layer live in (n_layer, B, nh, S, hs) tensors. Each row fil
 left to right, so rows of different lengths share one batch without padding: a forward over rows
 `rows` (a slice) with T new tokens writes them at slots lengths[b] .. lengths[b] + T - 1 and attends
 over each row's filled slots. A row is reused by setting its length back to 0 (`reset(rows)`).
+`Cache` declares the three methods the model calls on any cache (prepare, update, advance); the
+compiled step and PPLM steering pass stand-ins of their own.
 
     cache = KVCache.for_model(config, batch_size=4, max_len=256, dtype=torch.float32)
 """
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 
 from .config import GPTConfig
+
+
+@runtime_checkable
+class Cache(Protocol):
+    """The past keys/values of a GPT forward over cache rows `rows`, T new tokens per row.
+
+    GPT.hidden calls prepare once, update once per layer (in layer order), then advance once.
+    """
+
+    def prepare(self, rows: slice, T: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Positions (B, T) of the new tokens, the attention mask (None: none needed), is_causal."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Take this layer's new k, v (B, nh, T, hs); return the keys/values to attend over (B, nh, S, hs)."""
+
+    def advance(self) -> None:
+        """Count the new tokens as part of the past (after every layer wrote)."""
 
 
 class KVCache:

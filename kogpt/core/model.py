@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .kv_cache import KVCache
+from .kv_cache import Cache
 
 
 def rope_table(n_positions: int, rotary_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +46,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=bias)
         self.dropout = 0.0
 
-    def forward(self, x, rope, mask, causal: bool, cache: KVCache | None):
+    def forward(self, x, rope, mask, causal: bool, cache: Cache | None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -139,7 +139,7 @@ class GPT(nn.Module):
         cos, sin = self._rope
         return cos[pos][:, None], sin[pos][:, None]  # (B, 1, T, rd/2)
 
-    def hidden(self, idx: torch.Tensor, cache: KVCache | None = None, rows: slice = slice(None)) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, cache: Cache | None = None, rows: slice = slice(None)) -> torch.Tensor:
         """Final hidden states (B, T, C) after ln_f.
 
         With a cache, idx continues the sequences held in cache rows `rows` (each at its own length).
@@ -164,7 +164,7 @@ class GPT(nn.Module):
             cache.advance()
         return self.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, rows: slice = slice(None),
+    def forward(self, idx: torch.Tensor, cache: Cache | None = None, rows: slice = slice(None),
                 last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab_size), or (B, 1, vocab_size) with last_only (prefill for decoding)."""
         x = self.hidden(idx, cache, rows)

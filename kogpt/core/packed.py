@@ -6,9 +6,9 @@ applied with `mkldnn._linear_pointwise` stream ~1.4× faster (17 vs 12 GB/s on t
 machine `kogpt bench` reports on). Packed weights are an
 inference layout (no training; inputs that need gradients, as in PPLM steering, take a dense
 copy of the weight); state_dict() still yields the plain `weight`/`bias`, so a packed
-model saves like any other.
+model saves like any other. The loader makes these layers (core/layout.py, "packed").
 
-    model = pack_linears(load_model(folder, dtype=torch.bfloat16))
+    layer = PackedLinear(weight, bias)  # weight (out, in) bf16 or fp16 on the CPU
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)  # blocked layout, tuned for batch 1
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)  # blocked layout, tuned for batch 1
+        self.register_buffer("bias", None if bias is None else bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.requires_grad:  # gradients w.r.t. the input (PPLM steering): the dense weight, differentiably
@@ -45,21 +44,3 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN packed"
 
-
-def pack_linears(model: nn.Module) -> nn.Module:
-    """Swap every nn.Linear for a PackedLinear, in place, when can_pack() holds; else a no-op."""
-    w = next(model.parameters())
-    if not can_pack(w.device, w.dtype):
-        return model
-    swap_linears(model, PackedLinear)
-    return model
-
-
-def swap_linears(model: nn.Module, make) -> None:
-    """Replace every nn.Linear child by make(linear), one at a time, holding no other reference to
-    the old layers, so each old weight is freed as soon as its replacement exists (peak memory:
-    the model plus one layer, not two models)."""
-    slots = [(parent, name) for parent in model.modules()
-             for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    for parent, name in slots:
-        setattr(parent, name, make(getattr(parent, name)))

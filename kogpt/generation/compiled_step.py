@@ -1,12 +1,12 @@
 """An optional torch.compile'd decode step: the Engine's StepFn with fixed shapes.
 
-The eager step (generate.decode_step) reads row lengths into Python ints to slice the cache, which
+The eager step (engine.decode_step) reads row lengths into Python ints to slice the cache, which
 would make the compiler guard on and recompile for every length. This step instead writes each row's
 new key/value at its length (kv_write, in place) and attends over all cache slots under a mask, so
 one decode token for every cache row is one graph: the cache length is marked dynamic (a new prompt
 length does not recompile; a new number of rows does). It reuses the model's own modules through a
-stand-in for KVCache; the eager step stays the default. On a GPU it asks for CUDA graphs
-(`mode="reduce-overhead"`, the cache at a static address); that path has no GPU to run on here.
+Cache of its own (core/kv_cache.py); the eager step stays the default. On a GPU it asks for CUDA
+graphs (`mode="reduce-overhead"`, the cache at a static address); that path has no GPU to run on here.
 
     engine = Engine(model, slots=4, step_fn=CompiledStep())
 """
@@ -29,7 +29,7 @@ def kv_write(cache: torch.Tensor, layer: int, lengths: torch.Tensor, new: torch.
 
 
 class _StaticCache:
-    """KVCache's forward interface for one new token per row over every slot, without Python ints."""
+    """A Cache for one new token per row over every slot, without Python ints."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor):
         self.k, self.v, self.lengths = k, v, lengths  # (L, B, nh, S, hs), (L, B, nh, S, hs), (B,)
@@ -54,7 +54,7 @@ def _step(model: GPT, tok: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengt
 
 
 class CompiledStep:
-    """A StepFn (see generate.StepFn) running `_step` through torch.compile; same logits as decode_step."""
+    """A StepFn (see engine.StepFn) running `_step` through torch.compile; same logits as decode_step."""
 
     def __init__(self, mode: str | None = None, backend: str = "inductor"):
         self.fn = torch.compile(_step, mode=mode, backend=backend, fullgraph=True)

@@ -1,33 +1,35 @@
-"""THE decode loop: requests share one KV cache, each in its own row; one step decodes them all.
+"""The one decode loop: requests share one KV cache, each in its own row; one step decodes them all.
 
-`Engine` owns the loop: `submit` queues a request (prompt ids, budget, sampling, EOS ids, RNG,
-stop callback); each `step` prefills queued requests into free rows, samples the next token of every
-active row and runs one batched cached forward. Rows keep their own lengths and positions, so
-prompts of any lengths batch without padding, and a request can join while others decode
-(continuous batching). A request whose own prefill or steering step fails (say, out of memory) ends
-alone with finish "error" and the exception in Event.error; the batch goes on. `generate` runs a
-fixed set of prompts through an Engine and raises such an error; callers own prompt formats, stop
-strings and detokenizing — this module sees ids only.
+`Engine` owns the loop: `submit` queues a Request (prompt ids, budget, sampling, EOS ids, RNG, stop
+callback, hooks); each `step` prefills queued requests into free rows, samples the next token of
+every running row and runs one batched cached forward. Rows keep their own lengths and positions,
+so prompts of any lengths batch without padding, and a request can join while others decode
+(continuous batching). Per-request features (PPLM, logit masks, ...) are RequestHooks (hooks.py)
+that the loop calls around the request's row without knowing what they do. A request whose own
+prefill or hooks fail (say, out of memory) ends alone with finish "error" and the exception in
+Event.error; the batch goes on. `generate` runs a fixed set of prompts through an Engine and raises
+such an error; callers own prompt formats, stop strings and detokenizing — this module sees ids only.
 
     for ev in generate(model, [ids], max_new_tokens=32, sampling=GREEDY): print(ev.token)
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from ..errors import UserError
 from ..core.kv_cache import KVCache
 from ..core.model import GPT
+from .hooks import RequestHook
 from .sampling import GREEDY, SamplingConfig, sample
 
-if TYPE_CHECKING:
-    from .steering import Steerer
-
+log = logging.getLogger(__name__)
 StepFn = Callable[[GPT, torch.Tensor, KVCache, slice], torch.Tensor]
 
 
@@ -46,7 +48,7 @@ class Request:
     stop: Callable[[int], bool] | None = None  # called with each new non-EOS id; True ends the request
     key: Any = None  # the caller's handle, echoed in every Event
     logprobs: int | None = None  # report the chosen id's log-probability and this many top alternatives
-    steer: Steerer | None = None  # PPLM steering state of this request (steering.py); one per request
+    hooks: Sequence[RequestHook] = ()  # this request's own features (hooks.py), called in this order
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ class Event:
 
 @dataclass
 class _Active:
+    """A running request in its cache row."""
+
     req: Request
     history: list[int]  # prompt + generated ids (repetition penalty, n-gram bans)
     logits: torch.Tensor | None = None  # (V,) next-token logits, waiting to be sampled
@@ -110,31 +114,35 @@ class Engine:
                 return True
         for row, a in list(self.rows.items()):
             if a.req.key == key:
-                self._release(row)
+                error = self._release(row)
+                if error is not None:  # nobody waits for this request's outcome any more
+                    log.warning("a hook of cancelled request %r failed to finish", key, exc_info=error)
                 return True
         return False
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Admit queued requests, sample one token for every running request, decode them together."""
+        """Admit queued requests, sample one token for every running request, decode them together
+        (each request's hooks act just before and just after that forward)."""
         events: list[Event] = []
         self._admit(events)
         self._sample(events)
         for row, a in list(self.rows.items()):
-            if a.req.steer is not None:  # nudge this row's past before its token goes through
-                try:
-                    a.req.steer.perturb(self.model, self.cache, row, a.history)
-                except Exception as e:  # e.g. out of memory in the backward pass: this request alone fails
-                    self._release(row)
-                    events.append(Event(a.req.key, -1, "error", error=e))
+            if a.req.hooks:
+                with self._failing_alone(row, events):
+                    for hook in a.req.hooks:
+                        hook.before_step(self.model, self.cache, row, a.history)
         if self.rows:
             hi = max(self.rows) + 1  # decode rows [0, hi); free rows in between carry a dummy token
             tok = torch.zeros(hi, 1, dtype=torch.long, device=self.cache.k.device)
             for row, a in self.rows.items():
                 tok[row, 0] = a.history[-1]
             logits = self.step_fn(self.model, tok, self.cache, slice(0, hi))
-            for row, a in self.rows.items():
-                a.logits = logits[row] if a.req.steer is None else a.req.steer.fuse(logits[row])
+            for row, a in list(self.rows.items()):
+                a.logits = logits[row]
+                if a.req.hooks:
+                    with self._failing_alone(row, events):
+                        a.logits = _map_logits(a.req.hooks, a.logits)
             self.cache.lengths[[r for r in range(hi) if r not in self.rows]] = 0
         return events
 
@@ -148,29 +156,38 @@ class Engine:
             req.max_new_tokens = budget
             row = min(set(range(self.cache.batch_size)) - set(self.rows))
             self.cache.reset(slice(row, row + 1))
-            try:
-                self.rows[row] = _Active(req, list(req.ids), self._prefill(req, row, budget))
-            except Exception as e:  # e.g. out of memory on a long prompt: this request alone fails
-                self.cache.reset(slice(row, row + 1))
-                events.append(Event(req.key, -1, "error", error=e))
+            self.rows[row] = a = _Active(req, list(req.ids))
+            with self._failing_alone(row, events):
+                a.logits = self._prefill(req, row, budget)
 
     def _prefill(self, req: Request, row: int, budget: int) -> torch.Tensor | None:
-        """Put the prompt in cache row `row`; the next-token logits, or None if a steered step gives them."""
-        # a steered request prefills all but its last prompt token: the first new token is steered too
-        prefill = list(req.ids) if req.steer is None else list(req.ids)[:-1]
+        """Put the prompt in cache row `row` and start the hooks; the next-token logits, or None when a
+        hook holds the last prompt token back for this step's forward (its logits are sampled next step)."""
+        held = any(hook.steps_last_prompt_token for hook in req.hooks)
+        prefill = list(req.ids)[:-1] if held else list(req.ids)
         logits = None
         if prefill:
             ids = torch.tensor([prefill], dtype=torch.long, device=self.cache.k.device)
             logits = self.model(ids, self.cache, slice(row, row + 1), last_only=True)[0, -1]
-        if req.steer is not None:
-            req.steer.start(self.cache, row, len(req.ids) + budget)
-            logits = None  # sampled after this step's (steered) forward of the last prompt token
-        return logits
+        for hook in req.hooks:
+            hook.start(self.cache, row, len(req.ids) + budget)
+        return None if held else _map_logits(req.hooks, logits)
+
+    @contextmanager
+    def _failing_alone(self, row: int, events: list[Event]) -> Iterator[None]:
+        """Run work of row `row`'s own request (its prefill, its hooks): an exception (say, out of memory)
+        ends that request alone with finish "error" and frees its row; the batch goes on."""
+        try:
+            yield
+        except Exception as e:
+            key = self.rows[row].req.key
+            self._release(row)  # a hook's finish error, if any, is second to this one
+            events.append(Event(key, -1, "error", error=e))
 
     def _sample(self, events: list[Event]) -> None:
         groups: dict[tuple, list[int]] = {}  # rows sharing sampling settings and RNG sample together
         for row, a in self.rows.items():
-            if a.logits is not None:  # a steered request's first step has nothing to sample yet
+            if a.logits is not None:  # None: the last prompt token goes through this step (hooks.py)
                 groups.setdefault((a.req.sampling, id(a.req.rng)), []).append(row)
         for rows in groups.values():
             first = self.rows[rows[0]].req
@@ -209,40 +226,55 @@ class Engine:
             finish = "stop"
         elif a.generated >= a.req.max_new_tokens:
             finish = "length"
+        error = None
         if finish:
-            self._release(row)
-        return Event(a.req.key, tok, finish, is_eos, logprob, top)
+            error = self._release(row)
+            if error is not None:  # a hook failed to end: the token stands, the request failed
+                finish = "error"
+        return Event(a.req.key, tok, finish, is_eos, logprob, top, error)
 
-    def _release(self, row: int) -> None:
+    def _release(self, row: int) -> Exception | None:
+        """Free cache row `row` and finish its request's hooks; the first error a finish raised, if any."""
         a = self.rows.pop(row)
-        if a.req.steer is not None:
-            a.req.steer.finish()
         self.cache.reset(slice(row, row + 1))
+        error = None
+        for hook in a.req.hooks:
+            try:
+                hook.finish()
+            except Exception as e:  # the other hooks still free what they hold
+                error = error or e
+        return error
+
+
+def _map_logits(hooks: Sequence[RequestHook], logits: torch.Tensor) -> torch.Tensor:
+    for hook in hooks:
+        logits = hook.map_logits(logits)
+    return logits
 
 
 def generate(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
              sampling: SamplingConfig = GREEDY, eos_ids: Sequence[int] = (), rng: torch.Generator | None = None,
              stop: Callable[[int, int], bool] | None = None, step_fn: StepFn = decode_step,
-             steer: Sequence[Steerer | None] | None = None) -> Iterator[Event]:
+             hooks: Sequence[Sequence[RequestHook]] | None = None) -> Iterator[Event]:
     """Yield an Event per new token of each prompt (Event.key is the prompt's index), in step order.
 
     max_new_tokens: one budget for all prompts or one per prompt; capped so prompt + new tokens fit
-    the context. stop(index, token) -> True ends that prompt with finish "stop". steer: a Steerer
-    (or None) per prompt.
+    the context. stop(index, token) -> True ends that prompt with finish "stop". hooks: the
+    RequestHooks of each prompt (a sequence per prompt, maybe empty; a hook serves one request).
     """
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts):
         raise ValueError("max_new_tokens needs one budget per prompt")
-    steers = list(steer) if steer is not None else [None] * len(prompts)
-    if len(steers) != len(prompts):
-        raise ValueError("steer needs one Steerer (or None) per prompt")
+    per_prompt = list(hooks) if hooks is not None else [()] * len(prompts)
+    if len(per_prompt) != len(prompts):
+        raise ValueError("hooks needs one sequence of hooks per prompt")
     if not prompts:
         return
     need = max(len(p) + max(n, 1) for p, n in zip(prompts, budgets))  # a zero budget still fits its prompt
     engine = Engine(model, slots=len(prompts), max_len=need, step_fn=step_fn)
     for i, (p, n) in enumerate(zip(prompts, budgets)):
         engine.submit(Request(p, n, sampling, tuple(eos_ids), rng, None if stop is None else _bind(stop, i), key=i,
-                              steer=steers[i]))
+                              hooks=tuple(per_prompt[i])))
     while not engine.idle:
         for ev in engine.step():
             if ev.error is not None:
@@ -256,12 +288,12 @@ def _bind(stop: Callable[[int, int], bool], i: int) -> Callable[[int], bool]:
 
 def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
                  sampling: SamplingConfig = GREEDY, eos_ids: Sequence[int] = (),
-                 rng: torch.Generator | None = None, steer: Sequence[Steerer | None] | None = None,
+                 rng: torch.Generator | None = None, hooks: Sequence[Sequence[RequestHook]] | None = None,
                  step_fn: StepFn = decode_step) -> list[list[int]]:
     """The new ids of each prompt (an ending EOS id included, as transformers returns it)."""
     out: list[list[int]] = [[] for _ in prompts]
     for ev in generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, rng=rng,
-                       steer=steer, step_fn=step_fn):
+                       hooks=hooks, step_fn=step_fn):
         if ev.token >= 0:
             out[ev.key].append(ev.token)
     return out

@@ -24,7 +24,7 @@ sequences (at a word start, after a space, and inside a word) and a step's targe
   is pulled to completion).
 
     bags = [BagOfWords.load("sports", tokenizer)]
-    steer = Steerer(bags, PPLMConfig())   # one per request: Request(..., steer=steer)
+    steer = Steerer(bags, PPLMConfig())   # a RequestHook, one per request: Request(..., hooks=[steer])
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from ..errors import UserError
 from ..core.kv_cache import KVCache
 from ..core.model import GPT
 from ..text.tokenizer import Tokenizer
+from .hooks import RequestHook
 
 SMALL = 1e-15  # upstream's SMALL_CONST
 TOPICS = {"sports": "스포츠", "economy": "경제", "politics": "정치", "science": "과학", "fantasy": "판타지",
@@ -185,7 +186,7 @@ def make_bags(bow, tokenizer: Tokenizer) -> list[BagOfWords]:
 
 
 class _PerturbedPast:
-    """A one-row stand-in for KVCache whose past keys/values are tensors that carry gradients
+    """A one-row Cache (core/kv_cache.py) whose past keys/values are tensors that carry gradients
     (KVCache writes in place, which autograd cannot see through)."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
@@ -203,12 +204,15 @@ class _PerturbedPast:
         pass
 
 
-class Steerer:
+class Steerer(RequestHook):
     """The steering state of one request: its bags, knobs, shadow cache and running gradient norms.
 
-    The decode loop calls start() once the prompt (all but its last token) is in the cache row,
-    perturb() before each cached forward of the row's last token, and fuse() on the logits it gives.
+    It is the request's RequestHook: the decode loop calls start() once the prompt (all but its last
+    token) is in the cache row, perturb() (as before_step) before each cached forward of the row's
+    last token, and fuse() (as map_logits) on the logits it gives.
     """
+
+    steps_last_prompt_token = True  # the first new token is steered too
 
     def __init__(self, bags: Sequence[BagOfWords], config: PPLMConfig = PPLMConfig()):
         if not bags:
@@ -237,6 +241,12 @@ class Steerer:
     def finish(self) -> None:
         """Free the request's caches (the decode loop calls it when the request ends)."""
         self.shadow = self.master = None
+
+    def before_step(self, model: GPT, cache: KVCache, row: int, history: Sequence[int]) -> None:
+        self.perturb(model, cache, row, history)
+
+    def map_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.fuse(logits)
 
     def targets(self, history: Sequence[int]) -> list[list[int]]:
         return [sorted(b.targets(history)) for b in self.bags]

@@ -122,11 +122,14 @@ def write_gguf(folder: str | os.PathLike, path: str | os.PathLike, dtype: str = 
     import gguf
     import torch
 
-    from .checkpoint import load_config, load_model
+    from ..core.layout import Layout
+    from .folder import load_config, require_language_model
+    from .load import load
 
     folder, path = Path(folder), Path(path)
     if dtype not in DTYPES:
         raise UserError(f"GGUF dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    require_language_model(folder, str(folder), "export to GGUF")
     cfg = load_config(folder)
     if cfg.family != "gpt2":
         raise UserError(f"GGUF export supports the GPT-2 family; {folder} is {cfg.family}")
@@ -138,7 +141,7 @@ def write_gguf(folder: str | os.PathLike, path: str | os.PathLike, dtype: str = 
         tokens, types, merges = placeholder_vocab(cfg.vocab_size)
         special = {k: v for k, v in (("bos", cfg.bos_token_id), ("eos", cfg.eos_token_id), ("pad", cfg.pad_token_id))
                    if v is not None and 0 <= v < cfg.vocab_size}
-    model = load_model(folder, torch.float32)
+    model = load(folder, Layout(torch.float32))
 
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2])
     w.add_type(gguf.GGUFType.MODEL)

@@ -1,7 +1,9 @@
 """`kogpt serve`: an OpenAI-compatible HTTP server with continuous batching and a web playground.
 
-app.py holds the routes (FastAPI), scheduler.py the background engine thread, protocol.py the
-OpenAI wire format, chat.py the chat template, metrics.py the Prometheus metrics, static/ the page.
+app.py builds the FastAPI app (create_app); completions.py holds the generation routes, info.py the
+page, /health, /metrics and /v1/models, guard.py the key/size/counting middleware, state.py what
+they share; scheduler.py runs the engine thread, protocol.py the OpenAI wire format, chat.py the
+chat template, telemetry.py the Prometheus metrics (prometheus_client), static/ the page.
 
     from kogpt.serve import serve; serve(KoGPT.from_pretrained("kogpt-mini"), port=8000)
 """

@@ -231,7 +231,7 @@ class Scheduler:
             stream = TextStream(self.gpt.tokenizer, spec.stop, spec.ids)  # prompt as left context
             rng = None if spec.seed is None else torch.Generator(device).manual_seed(spec.seed)
             req = Request(spec.ids, spec.max_new_tokens, spec.sampling, self.eos, rng, stream.push, key, spec.logprobs,
-                          spec.steer)
+                          () if spec.steer is None else (spec.steer,))
             self._seqs[key] = _Seq(job, i, spec, stream)
             self.engine.submit(req)  # prompts were checked by the handler; errors fail the job (_drain)
 

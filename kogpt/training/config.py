@@ -1,11 +1,11 @@
-"""TrainConfig: every setting of `kogpt train`, read from a TOML file and overridden by flags.
+"""TrainConfig: every setting of the training loop — `kogpt train`'s, and the loop's part of `kogpt finetune`'s.
 
 Each field documents itself once (its `help` metadata); the CLI builds one `--flag` per field from
 it. Precedence: defaults < TOML file < flags. A TOML key that is not a field is an error naming the
-key and the closest field, so a typo never silently trains with a default. check_config() checks
-every value, the device and --out before any work.
+key and the closest field, so a typo never silently trains with a default. check_config() is the one
+check of every value, the device and --out, before any work; finetuning runs it on its TrainConfig too.
 
-    cfg = load_config("pretrain.toml", {"max_steps": 100})
+    cfg = read_train_config("pretrain.toml", {"max_steps": 100})
 """
 
 from __future__ import annotations
@@ -18,62 +18,71 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.dtypes import TRAIN
 from ..errors import UserError
 from ..fileio import check_output_dir
 
-DTYPES = ("bfloat16", "float32")
 
-
-def _f(default, help: str, **kw):
+def option(default, help: str, **kw):
+    """A settings field that carries its --help text; kw: its metavar, and the flag of a dict (--weight)."""
     return field(default=default, metadata={"help": help, **kw})
+
+
+def flag_name(name: str) -> str:
+    """The flag of a setting: weight_decay is --weight-decay."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
 class TrainConfig:
+    """The training loop's settings, one field each (its help is the flag's --help text)."""
+
     # what to train on and where to write
-    data: str = _f("", "prepared data folder (from `kogpt prepare --out`)")
-    out: str = _f("runs/kogpt", "run folder: log.jsonl, loss.png, checkpoints/ and the final model/")
-    preset: str = _f("tiny", "model shape from a named preset (its vocab_size follows the data's tokenizer)")
-    init_from: str = _f("", "start from an HF-format model folder instead of a preset (continued pretraining)")
-    n_layer: int = _f(0, "layers, overriding the preset's (0 keeps it)")
-    n_embd: int = _f(0, "width, overriding the preset's (0 keeps it)")
-    n_head: int = _f(0, "attention heads, overriding the preset's (0 keeps it)")
-    resume: bool = _f(False, "continue from the latest checkpoint in --out (model, optimizer, data position); a run "
-                             "already at max_steps trains nothing and exits 0 once its model folder is there")
-    overwrite: bool = _f(False, "start afresh in an --out that holds an earlier run, deleting its checkpoints, model "
-                                "and log (without it, such an --out is refused)")
+    data: str = option("", "prepared data folder (from `kogpt prepare --out`)", metavar="DIR")
+    out: str = option("runs/kogpt", "run folder: log.jsonl, loss.png, checkpoints/ and the final model/", metavar="DIR")
+    preset: str = option("tiny", "model shape from a named preset (its vocab_size follows the data's tokenizer)")
+    init_from: str = option("", "start from an HF-format model folder instead of a preset (continued pretraining)",
+                            metavar="MODEL")
+    n_layer: int = option(0, "layers, overriding the preset's (0 keeps it)")
+    n_embd: int = option(0, "width, overriding the preset's (0 keeps it)")
+    n_head: int = option(0, "attention heads, overriding the preset's (0 keeps it)")
+    resume: bool = option(False, "continue from the latest checkpoint in --out (model, optimizer, data position); a "
+                                  "run already at max_steps trains nothing and exits 0 once its model folder is there")
+    overwrite: bool = option(False, "start afresh in an --out that holds an earlier run, deleting its checkpoints, "
+                                     "model and log (without it, such an --out is refused)")
     # batch: a step sees batch_size * grad_accum sequences of seq_len tokens, on any number of processes
-    batch_size: int = _f(8, "sequences per micro-batch per process")
-    grad_accum: int = _f(1, "micro-batches per optimizer step in total (divided among torchrun processes)")
-    seq_len: int = _f(256, "tokens per sequence (at most the model's n_positions)")
-    max_steps: int = _f(1000, "optimizer steps to train for")
+    batch_size: int = option(8, "sequences per micro-batch per process")
+    grad_accum: int = option(1, "micro-batches per optimizer step in total (divided among torchrun processes)")
+    seq_len: int = option(256, "tokens per sequence (at most the model's n_positions)")
+    max_steps: int = option(1000, "optimizer steps to train for")
     # optimizer and schedule
-    lr: float = _f(6e-4, "peak learning rate (AdamW)")
-    min_lr: float = _f(-1.0, "learning rate at the end of the cosine decay; negative means lr / 10")
-    warmup_steps: int = _f(100, "linear warmup steps before the cosine decay")
-    weight_decay: float = _f(0.1, "AdamW weight decay of matmul weights and embeddings (not biases, LayerNorms)")
-    dropout: float = _f(0.0, "share of embeddings, attention weights and residual branches dropped while training")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.95, "AdamW beta2")
-    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 disables")
-    weights: dict = _f(None, "mixing weight per source, overriding prepare's (TOML table; flag NAME=W)",
-                       metavar="NAME=W")
+    lr: float = option(6e-4, "peak learning rate (AdamW)")
+    min_lr: float = option(-1.0, "learning rate at the end of the cosine decay; negative means lr / 10")
+    warmup_steps: int = option(100, "linear warmup steps before the cosine decay")
+    weight_decay: float = option(0.1, "AdamW weight decay of matmul weights and embeddings (not biases, LayerNorms)")
+    dropout: float = option(0.0, "share of embeddings, attention weights and residual branches dropped while training")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables")
+    weights: dict = option(None, "mixing weight per source, overriding prepare's (TOML table; flag NAME=W)",
+                           flag="--weight", metavar="NAME=W")
     # validation, logging, checkpoints
-    eval_every: int = _f(200, "validate (loss, perplexity, bits per byte, a sample) every N steps; 0: at the end only")
-    eval_batches: int = _f(20, "validation batches of batch_size sequences")
-    sample_prompt: str = _f("대한민국은", "prompt of the sample generated at each validation")
-    sample_tokens: int = _f(32, "tokens of the sample generated at each validation; 0 disables")
-    log_every: int = _f(10, "write a log.jsonl line every N steps")
-    save_every: int = _f(500, "write a checkpoint every N steps (and on SIGINT/SIGTERM); 0: at the end only")
-    keep_last: int = _f(3, "checkpoints to keep")
+    eval_every: int = option(200, "validate (loss, perplexity, bits per byte, a sample) every N steps; 0: at the end "
+                                  "only")
+    eval_batches: int = option(20, "validation batches of batch_size sequences")
+    sample_prompt: str = option("대한민국은", "prompt of the sample generated at each validation")
+    sample_tokens: int = option(32, "tokens of the sample generated at each validation; 0 disables")
+    log_every: int = option(10, "write a log.jsonl line every N steps")
+    save_every: int = option(500, "write a checkpoint every N steps (and on SIGINT/SIGTERM); 0: at the end only")
+    keep_last: int = option(3, "checkpoints to keep")
     # runtime
-    seed: int = _f(1337, "seed of the model init and the data order")
-    dtype: str = _f("bfloat16", "autocast dtype of matmuls: bfloat16 or float32 (weights stay float32)")
-    device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
-    compile: bool = _f(False, "torch.compile the model (slow first step, faster after)")
-    fsdp: bool = _f(False, "under torchrun, shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
-    peak_flops: float = _f(0.0, "peak FLOP/s of one process for MFU; 0 measures a matmul once at start")
-    progress: bool = _f(True, "show a progress bar")
+    seed: int = option(1337, "seed of the model init and the data order")
+    dtype: str = option("bfloat16", "autocast dtype of matmuls: bfloat16 or float32 (weights stay float32)")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    compile: bool = option(False, "torch.compile the model (slow first step, faster after)")
+    fsdp: bool = option(False, "under torchrun, shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
+    peak_flops: float = option(0.0, "peak FLOP/s of one process for MFU; 0 measures a matmul once at start")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
         self.weights = dict(self.weights or {})
@@ -83,11 +92,20 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-# the field that opens each section of `kogpt train --help`
-SECTIONS = {"data": "data, model and run folder",
-            "batch_size": "batch: a step sees batch_size × grad_accum sequences of seq_len tokens, on any number "
-                          "of processes",
-            "lr": "optimizer and schedule", "eval_every": "validation, logging and checkpoints", "seed": "runtime"}
+
+# a range: (test, the range in words as the error says it); a float must be finite as well
+COUNT = (lambda x: x >= 1, ">= 1")
+NON_NEGATIVE = (lambda x: x >= 0, ">= 0")
+FRACTION = (lambda x: 0 <= x < 1, "in [0, 1)")
+RANGES = {
+    **dict.fromkeys(("batch_size", "grad_accum", "seq_len", "max_steps", "eval_batches", "keep_last", "log_every"),
+                    COUNT),
+    **dict.fromkeys(("n_layer", "n_embd", "n_head", "warmup_steps", "eval_every", "save_every", "sample_tokens",
+                     "weight_decay", "grad_clip", "peak_flops"), NON_NEGATIVE),
+    **dict.fromkeys(("dropout", "beta1", "beta2"), FRACTION),
+    "lr": (lambda x: x > 0, "> 0"), "min_lr": (lambda x: True, "a number (< 0: lr / 10)"),
+    "seed": (lambda x: 0 <= x < 1 << 64, "in [0, 2**64)"),
+}
 
 
 def _check_type(name: str, value, where: str):
@@ -101,7 +119,7 @@ def _check_type(name: str, value, where: str):
     return float(value) if want == "float" else value
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+def read_train_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """TrainConfig from defaults, then the TOML file (flat keys, `[weights]` table), then overrides."""
     values: dict = {}
     if path:
@@ -141,28 +159,25 @@ def check_device(device: str) -> None:
                         f"numbered from 0")
 
 
-def check_config(cfg: TrainConfig) -> None:
-    """Every setting in range, the device usable and --out a folder: a UserError before any work."""
-    for name in ("batch_size", "grad_accum", "seq_len", "max_steps", "eval_batches", "keep_last", "log_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("n_layer", "n_embd", "n_head", "warmup_steps", "eval_every", "save_every", "sample_tokens"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"{name} must be >= 0, got {getattr(cfg, name)}")
-    for name, ok, rule in (("lr", lambda x: x > 0, "> 0"), ("min_lr", lambda x: True, "a number (< 0: lr / 10)"),
-                           ("weight_decay", lambda x: x >= 0, ">= 0"), ("dropout", lambda x: 0 <= x < 1, "in [0, 1)"),
-                           ("beta1", lambda x: 0 <= x < 1, "in [0, 1)"),
-                           ("beta2", lambda x: 0 <= x < 1, "in [0, 1)"), ("grad_clip", lambda x: x >= 0, ">= 0"),
-                           ("peak_flops", lambda x: x >= 0, ">= 0")):
-        v = getattr(cfg, name)
-        if not (math.isfinite(v) and ok(v)):
-            raise UserError(f"{name} must be {rule}, got {v}")
-    if not 0 <= cfg.seed < 1 << 64:
-        raise UserError(f"seed must be in [0, 2**64), got {cfg.seed}")
+def check_ranges(settings, ranges: dict, flags: bool = False) -> None:
+    """UserError naming the first setting outside its range (`ranges`: name -> (test, range in words)),
+    as its TOML key (weight_decay) or, with `flags`, as its flag (--weight-decay)."""
+    spell = flag_name if flags else str
+    for name, (ok, rule) in ranges.items():
+        v = getattr(settings, name)
+        if (isinstance(v, float) and not math.isfinite(v)) or not ok(v):
+            raise UserError(f"{spell(name)} must be {rule}, got {v}")
+
+
+def check_config(cfg: TrainConfig, flags: bool = False) -> None:
+    """Every setting in range, the device usable and --out a folder: a UserError before any work.
+    `flags` names a bad setting as its flag, for a command without a TOML file (kogpt finetune)."""
+    check_ranges(cfg, RANGES, flags)
     for name, w in cfg.weights.items():
         if not (math.isfinite(w) and w >= 0):
             raise UserError(f"the weight of source {name!r} must be a finite number >= 0, got {w}")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.dtype not in TRAIN:
+        raise UserError(f"{flag_name('dtype') if flags else 'dtype'} must be one of {', '.join(TRAIN)}, got "
+                        f"{cfg.dtype!r}")
     check_device(cfg.device)
     check_output_dir(cfg.out, "--out")

@@ -1,13 +1,14 @@
 """Finetuning a GPT with a score head on NSMC, KLUE-YNAT, KorSTS or KLUE-STS, on THE training loop.
 
-FinetuneTask plugs into train.py: the training examples framed as KoGPT2-subtasks does
-(classifier.frame; pairs in both orders, as augmentation), shuffled per epoch with the seed,
-right-padded per micro-batch; cross-entropy on the label, or MSE on the 0–5 score. Each validation
-scores the validation split (carved from the training file, or --val) and, separately, a fixed
-sample of the training examples; the best validation score picks the exported folder — the
-evaluation file is never seen. Defaults are the KoGPT2-subtasks recipe.
+ClassifierObjective plugs into the training loop (loop.py): the training examples framed as
+KoGPT2-subtasks does (evaluation/classify.frame; pairs in both orders, as augmentation), shuffled per epoch
+with the seed, right-padded per micro-batch; cross-entropy on the label, or MSE on the 0–5 score.
+Each validation scores the validation split (carved from the training file, or --val) and,
+separately, a fixed sample of the training examples; the best validation score picks the exported
+folder — the evaluation file is never seen. FinetuneConfig holds the loop's TrainConfig, with the
+KoGPT2-subtasks recipe as its defaults.
 
-    finetune(FinetuneConfig(model="kogpt-mini", task="nsmc", train="ratings_train.txt", out="runs/nsmc"))
+    finetune(FinetuneConfig.from_settings(model="kogpt-mini", task="nsmc", train="ratings_train.txt", out="runs/nsmc"))
 """
 
 from __future__ import annotations
@@ -15,33 +16,50 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..hf.checkpoint import CheckpointError, load_config, load_dropout, load_model, resolve
-from ..evaluation.classifier import (INPUT_FORMAT, Classifier, Head, build_classifier, frame, is_classifier, load_classifier,
-                         outputs, pad_id_for, pad_rows, save_classifier, to_predictions)
+from ..core.classifier import INPUT_FORMAT, Classifier, Head
+from ..core.layout import Layout
+from ..evaluation.classify import frame, outputs, pad_id_for, pad_rows, to_predictions
+from ..hf.folder import CheckpointError, is_classifier, load_config, load_dropout, read_head
+from ..hf.hub import resolve
+from ..hf.load import load
+from ..hf.save import write_model
 from ..core.config import GPTConfig
 from ..errors import UserError
 from ..core.model import GPT
 from ..evaluation.tasks import Example, Prediction, Task, get_task
 from ..evaluation.tasks.base import split_examples
-from ..fileio import check_output_dir
 from .loop import TrainResult, check_run_folder, train
-from .config import DTYPES, TrainConfig, check_device
-from .config import _f as option  # a dataclass field that carries its --help text
+from .config import COUNT, FRACTION, NON_NEGATIVE, TrainConfig, check_config, check_ranges, option
 
 SPLIT_SEED = 0  # the validation split is the same whatever --seed is, so runs compare on the same examples
 PROBE = 2000  # training examples scored at each validation (at most as many as the validation split)
 HEADLINE = {"nsmc": "accuracy", "ynat": "macro_f1", "korsts": "spearman", "klue-sts": "f1"}  # reported and selected
 
 
+# the loop's settings finetuning starts from: the KoGPT2-subtasks recipe (batch 32 × 4 = 128, lr 5e-5 decayed by
+# cosine to 0, AdamW betas (0.9, 0.999), weight decay 0.01), no sample text at validations, --out required
+RECIPE = dict(out="", batch_size=32, grad_accum=4, seq_len=64, lr=5e-5, min_lr=0.0, weight_decay=0.01, beta2=0.999,
+              keep_last=2, sample_tokens=0)
+# what a loop setting means when finetuning, where its TrainConfig help (pretraining's) would mislead
+LOOP_HELP = {"out": "run folder: log.jsonl, loss.png, checkpoints/ and model/ (the best classifier, HF format)",
+             "seq_len": "tokens per input, separators included; longer texts are cut at the end",
+             "lr": "peak learning rate (AdamW), decayed by cosine to 0",
+             "seed": "seed of the head's init and the data order"}
+
+
 @dataclass
 class FinetuneConfig:
+    """What to finetune on which task's files, and the schedule in finetuning's terms; the training loop's
+    own settings in `loop`. finetune() sets the loop's init_from, max_steps, warmup_steps, dropout,
+    eval_every and save_every from these once the examples are framed and the model is found."""
+
     # what to finetune, on what
     model: str = option("", "model folder (HF format), bundled model name or hub id: an LM, or a classifier "
                             "to continue", metavar="MODEL")
@@ -50,40 +68,35 @@ class FinetuneConfig:
     train: str = option("", "the task's training file, in its official format", metavar="PATH")
     val: str = option("", "validation file of the same format (default: --val-fraction of --train)", metavar="PATH")
     val_fraction: float = option(0.1, "share of --train held out for validation when --val is not given (seeded)")
-    out: str = option("", "run folder: log.jsonl, loss.png, checkpoints/ and model/ (the best classifier, HF format)",
-                       metavar="DIR")
     limit: int = option(0, "use only the first N examples of each file (0: all)")
-    # batch and schedule: KoGPT2-subtasks' recipe (batch 128, lr 5e-5, cosine with 10% warmup)
+    # the schedule and validation, in finetuning's terms
     epochs: float = option(3.0, "passes over the training rows (pair tasks have two per example: both orders)")
     max_steps: int = option(0, "optimizer steps, overriding --epochs (0: from --epochs)")
-    batch_size: int = option(32, "examples per micro-batch per process")
-    grad_accum: int = option(4, "micro-batches per optimizer step (batch_size × grad_accum = 128)")
-    seq_len: int = option(64, "tokens per input, separators included; longer texts are cut at the end")
-    lr: float = option(5e-5, "peak learning rate (AdamW), decayed by cosine to 0")
     warmup: float = option(0.1, "share of the steps spent warming the learning rate up")
-    weight_decay: float = option(0.01, "AdamW weight decay of matrices and embeddings")
     dropout: float = option(-1.0, "share of embeddings, attention weights and residual branches dropped while "
                                   "training; negative: the model's config.json, as transformers finetunes it "
                                   "(0.1 for KoGPT2, 0 for kogpt-mini)")
-    # validation, logging, checkpoints
     eval_every: int = option(0, "validate every N steps (0: ten times over the run)")
     eval_batch_size: int = option(64, "inputs per forward when validating")
     save_every: int = option(0, "write a checkpoint every N steps (0: at each validation)")
-    keep_last: int = option(2, "checkpoints to keep")
-    log_every: int = option(10, "write a log.jsonl line every N steps")
-    resume: bool = option(False, "continue from the latest checkpoint in --out (same flags)")
-    overwrite: bool = option(False, "start afresh in an --out that holds an earlier run, deleting its checkpoints, "
-                                    "model and log (without it, such an --out is refused)")
-    # runtime
-    seed: int = option(1337, "seed of the head's init and the data order")
-    dtype: str = option("bfloat16", "autocast dtype of matmuls: bfloat16 or float32 (weights stay float32)")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
-    fsdp: bool = option(False, "under torchrun, shard the model (FSDP2) instead of DDP")
-    progress: bool = option(True, "show a progress bar")
+    # the training loop's settings (out, batch, lr, seed, device, ...)
+    loop: TrainConfig = field(default_factory=lambda: TrainConfig(**RECIPE))
+
+    @classmethod
+    def from_settings(cls, **settings) -> FinetuneConfig:
+        """From flat settings, as `kogpt finetune` takes them: each a field of FinetuneConfig or of its loop."""
+        own = {k: settings.pop(k) for k in list(settings) if k in FIELDS}
+        return cls(**own, loop=TrainConfig(**{**RECIPE, **settings}))
 
 
-class FinetuneTask:
-    """A benchmark's examples, framed, as the training loop's task (see train.py for the methods)."""
+FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig) if f.name != "loop"}  # its own settings
+RANGES = {**dict.fromkeys(("limit", "max_steps", "eval_every", "save_every"), NON_NEGATIVE), "eval_batch_size": COUNT,
+          "val_fraction": (lambda x: 0 < x < 1, "in (0, 1)"), "warmup": FRACTION,
+          "dropout": (lambda x: x < 1, "in [0, 1) (negative: the model's own)")}
+
+
+class ClassifierObjective:
+    """A benchmark's examples, framed, as what the training loop optimizes (see loop.Objective)."""
 
     def __init__(self, task: Task, folder: Path, train: list[Example], val: list[Example], *, seq_len: int,
                  seed: int, eval_batch_size: int):
@@ -116,7 +129,7 @@ class FinetuneTask:
         self.data_hash = h.hexdigest()[:16]
         self._perm: tuple[int, np.ndarray] | None = None
 
-    # -- the loop's task interface ----------------------------------------------------------------
+    # -- the loop's Objective interface -----------------------------------------------------------
     def start(self, cfg: TrainConfig, env, resumed: dict | None) -> Classifier:
         """The classifier: the checkpoint's shape, or --model's weights (a classifier's head is kept
         when its labels are this task's) with a new head; pad_token_id set for the framing."""
@@ -125,10 +138,10 @@ class FinetuneTask:
         if resumed is not None:
             model = Classifier(GPT(GPTConfig(**resumed["model_config"])), n)
         elif is_classifier(self.folder):
-            clf, head = load_classifier(self.folder, torch.float32)
-            model = clf if head.labels == self.head.labels else Classifier(clf.gpt, n)
+            clf = load(self.folder, Layout(torch.float32))
+            model = clf if read_head(self.folder)[0].labels == self.head.labels else Classifier(clf.gpt, n)
         else:
-            model = Classifier(load_model(self.folder, torch.float32), n)
+            model = Classifier(load(self.folder, Layout(torch.float32)), n)
         model.gpt.config = model.config.replace(pad_token_id=self.pad)
         model.gpt.set_dropout(cfg.dropout)
         self.model = model.to(env.device)
@@ -203,9 +216,8 @@ class FinetuneTask:
 
     def save(self, state_dict: dict, folder: Path, step: int, metrics: dict) -> None:
         """The classifier folder (HF format) with the tokenizer; config.json names the step and its val metrics."""
-        model = build_classifier(self.model.config, state_dict)
-        save_classifier(model, self.head, folder, best_step=step,
-                        val_metrics={k: v for k, v in metrics.items() if k.startswith("val_")})
+        write_model(state_dict, self.model.config, folder, self.head, best_step=step,
+                    val_metrics={k: v for k, v in metrics.items() if k.startswith("val_")})
         self.tok.save(folder)
 
 
@@ -217,36 +229,20 @@ def _loss(head: Head, examples: list[Example], preds: list[Prediction]) -> float
 
 
 def _check(fc: FinetuneConfig) -> None:
-    for name in ("task", "train", "out"):
+    for name in ("task", "train"):
         if not getattr(fc, name):
             raise UserError(f"--{name} is required")
+    if not fc.loop.out:
+        raise UserError("--out is required")
     if not fc.model:
         raise UserError("no model given: pass --model with a model folder or a Hugging Face hub id")
     if fc.val and fc.val_fraction != FinetuneConfig.val_fraction:
         raise UserError("give --val or --val-fraction, not both")
-    if not 0 < fc.val_fraction < 1:
-        raise UserError(f"--val-fraction must be in (0, 1), got {fc.val_fraction}")
-    for name, low in (("limit", 0), ("max_steps", 0), ("batch_size", 1), ("grad_accum", 1), ("eval_batch_size", 1),
-                      ("eval_every", 0), ("save_every", 0), ("keep_last", 1), ("log_every", 1)):
-        if getattr(fc, name) < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(fc, name)}")
+    check_ranges(fc, RANGES, flags=True)
     if not fc.max_steps and not (math.isfinite(fc.epochs) and fc.epochs > 0):
         raise UserError(f"--epochs must be > 0, got {fc.epochs}")
-    if not 0 <= fc.warmup < 1:
-        raise UserError(f"--warmup must be in [0, 1), got {fc.warmup}")
-    if not (math.isfinite(fc.lr) and fc.lr > 0):
-        raise UserError(f"--lr must be > 0, got {fc.lr}")
-    if not (math.isfinite(fc.dropout) and fc.dropout < 1):
-        raise UserError(f"--dropout must be in [0, 1) (negative: the model's own), got {fc.dropout}")
-    if not (math.isfinite(fc.weight_decay) and fc.weight_decay >= 0):
-        raise UserError(f"--weight-decay must be >= 0, got {fc.weight_decay}")
-    if not 0 <= fc.seed < 1 << 64:
-        raise UserError(f"--seed must be in [0, 2**64), got {fc.seed}")
-    if fc.dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {fc.dtype!r}")
-    check_device(fc.device)
-    check_output_dir(fc.out, "--out")
-    check_run_folder(Path(fc.out), fc.resume, fc.overwrite)  # before the data and the model are read
+    check_config(fc.loop, flags=True)
+    check_run_folder(Path(fc.loop.out), fc.loop.resume, fc.loop.overwrite)  # before the data and the model are read
 
 
 def finetune(fc: FinetuneConfig) -> TrainResult:
@@ -261,20 +257,13 @@ def finetune(fc: FinetuneConfig) -> TrainResult:
         raise UserError(f"{fc.train}: {len(train_ex)} example(s), too few to hold out a validation split")
     else:
         train_ex, val_ex = split_examples(train_ex, fc.val_fraction, SPLIT_SEED)
-    ft = FinetuneTask(task, resolve(fc.model, fc.revision or None), train_ex, val_ex, seq_len=fc.seq_len,
-                      seed=fc.seed, eval_batch_size=fc.eval_batch_size)
-    steps = fc.max_steps or math.ceil(fc.epochs * len(ft.rows) / (fc.batch_size * fc.grad_accum))
+    loop = fc.loop
+    objective = ClassifierObjective(task, resolve(fc.model, fc.revision or None), train_ex, val_ex,
+                                    seq_len=loop.seq_len, seed=loop.seed, eval_batch_size=fc.eval_batch_size)
+    steps = fc.max_steps or math.ceil(fc.epochs * len(objective.rows) / (loop.batch_size * loop.grad_accum))
     eval_every = fc.eval_every or math.ceil(steps / 10)
-    dropout = fc.dropout if fc.dropout >= 0 else load_dropout(ft.folder)  # transformers' rule: the config's
-    cfg = TrainConfig(out=fc.out, init_from=str(ft.folder), resume=fc.resume, batch_size=fc.batch_size,
-                      grad_accum=fc.grad_accum, seq_len=fc.seq_len, max_steps=steps, lr=fc.lr, min_lr=0.0,
-                      warmup_steps=round(fc.warmup * steps), weight_decay=fc.weight_decay, beta2=0.999,
-                      dropout=dropout, eval_every=eval_every, save_every=fc.save_every or eval_every,
-                      keep_last=fc.keep_last, log_every=fc.log_every, sample_tokens=0, seed=fc.seed,
-                      dtype=fc.dtype, device=fc.device, fsdp=fc.fsdp, progress=fc.progress, overwrite=fc.overwrite)
-    return train(cfg, ft)
-
-
-FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
-SECTIONS = {"model": "what to finetune, on what", "epochs": "batch and schedule (KoGPT2-subtasks recipe)",
-            "eval_every": "validation, logging and checkpoints", "seed": "runtime"}
+    dropout = fc.dropout if fc.dropout >= 0 else load_dropout(objective.folder)  # transformers' rule: the config's
+    loop = dataclasses.replace(loop, init_from=str(objective.folder), max_steps=steps,
+                               warmup_steps=round(fc.warmup * steps), dropout=dropout, eval_every=eval_every,
+                               save_every=fc.save_every or eval_every)
+    return train(loop, objective)

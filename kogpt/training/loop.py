@@ -1,13 +1,14 @@
-"""THE training loop, for pretraining (pretrain.LMTask) and finetuning (finetune.FinetuneTask).
+"""THE training loop, for pretraining (pretrain.LMObjective) and finetuning (finetune.ClassifierObjective).
 
-A Task supplies the model, each step's micro-batches, the loss, the validation metrics and the HF
-folder; the loop owns the rest: DDP/FSDP2 under torchrun (every rank draws the same global batch and
-runs its share of grad_accum), bf16 autocast, AdamW with warmup + cosine, validation, log.jsonl and
-loss.png, atomic checkpoints (every N steps, on SIGINT/SIGTERM) with exact resume, rank-0-only writes.
-`out/model` is written at the end, or at each new best validation score when the task selects one.
+An Objective (what a run optimizes) supplies the model, each step's micro-batches, the loss, the
+validation metrics and the HF folder; the loop owns the rest: DDP/FSDP2 under torchrun (every rank
+draws the same global batch and runs its share of grad_accum), bf16 autocast, AdamW with warmup +
+cosine, validation, log.jsonl and loss.png, atomic checkpoints (every N steps, on SIGINT/SIGTERM)
+with exact resume, rank-0-only writes.
+`out/model` is written at the end, or at each new best validation score when the objective selects one.
 An --out that holds an earlier run is refused unless --resume (continue it) or --overwrite (delete it).
 
-    train(load_config("pretrain.toml", {"data": "data", "max_steps": 200}))
+    train(read_train_config("pretrain.toml", {"data": "data", "max_steps": 200}))
 """
 
 from __future__ import annotations
@@ -28,20 +29,20 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..core.config import GPTConfig
+from ..core.dtypes import torch_dtype
 from ..data.tokens import read_meta
 from ..errors import UserError
 from ..fileio import write_json
 from ..core.model import Block
 from .optim import flops_per_token, lr_at, make_optimizer, measure_peak_flops, set_lr
-from .pretrain import LMTask
+from .pretrain import LMObjective
 from .run_log import LOG_FILE, PLOT_FILE, RunLog
 from .config import TrainConfig, check_config
 from .state import checkpoints, gather, load_latest, restore, rng_state, save_checkpoint
 
-__all__ = ["Env", "LMTask", "Task", "TrainResult", "check_run_folder", "setup_env", "train", "train_step"]
+__all__ = ["Env", "Objective", "TrainResult", "check_run_folder", "setup_env", "train", "train_step"]
 
 MODEL_DIR, CKPT_DIR = "model", "checkpoints"
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
@@ -76,8 +77,8 @@ def setup_env(device: str) -> Env:
     return Env(world, rank, dev)
 
 
-class Task(Protocol):
-    """What the loop asks of a task (LMTask in pretrain.py, FinetuneTask in finetune.py)."""
+class Objective(Protocol):
+    """What a run optimizes, as the loop asks of it: LMObjective (pretrain.py), ClassifierObjective (finetune.py)."""
 
     data_hash: str  # what a checkpoint must have been trained on to be resumed
     select: tuple[str, str] | None  # (metric, "max"/"min"): export the model at each new best; None: at the end
@@ -152,9 +153,9 @@ def _no_sync(fwd, net, sync: bool):
     return fwd.no_sync() if not sync and hasattr(fwd, "no_sync") else nullcontext()
 
 
-def _wrap(model: torch.nn.Module, task, cfg: TrainConfig, env: Env):
-    """(net, fwd): net is the task's module (model + loss; sharded in place by FSDP2), fwd what to call."""
-    net = task.wrap(model)
+def _wrap(model: torch.nn.Module, objective: Objective, cfg: TrainConfig, env: Env):
+    """(net, fwd): net is the objective's module (model + loss; sharded in place by FSDP2), fwd what to call."""
+    net = objective.wrap(model)
     if env.world > 1 and cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
 
@@ -169,12 +170,12 @@ def _wrap(model: torch.nn.Module, task, cfg: TrainConfig, env: Env):
     return net, fwd
 
 
-def train_step(fwd, net, opt, task, batches: list, autocast, grad_clip: float):
+def train_step(fwd, net, opt, objective: Objective, batches: list, autocast, grad_clip: float):
     """One optimizer step over this rank's micro-batches: (mean loss tensor, grad norm or None)."""
     losses = []
     for i, batch in enumerate(batches):
         with _no_sync(fwd, net, i == len(batches) - 1), autocast:
-            loss = task.loss(fwd, batch) / len(batches)
+            loss = objective.loss(fwd, batch) / len(batches)
         loss.backward()
         losses.append(loss.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip) if grad_clip > 0 else None
@@ -183,13 +184,13 @@ def train_step(fwd, net, opt, task, batches: list, autocast, grad_clip: float):
     return torch.stack(losses).sum(), grad_norm
 
 
-def train(cfg: TrainConfig, task: Task | None = None) -> TrainResult:
-    """Train as `cfg` says (resuming if cfg.resume); `task` defaults to LMTask (pretraining on cfg.data)."""
+def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
+    """Train as `cfg` says (resuming if cfg.resume); `objective` defaults to LMObjective (pretraining on cfg.data)."""
     check_config(cfg)
     check_run_folder(Path(cfg.out), cfg.resume, cfg.overwrite)
     env = setup_env(cfg.device)
     try:
-        return _train(cfg, env, task)
+        return _train(cfg, env, objective)
     finally:
         if env.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -201,21 +202,21 @@ def _improves(value: float, best: dict | None, mode: str) -> bool:
     return value > best["value"] if mode == "max" else value < best["value"]
 
 
-def _train(cfg: TrainConfig, env: Env, task: Task | None) -> TrainResult:
+def _train(cfg: TrainConfig, env: Env, objective: Objective | None) -> TrainResult:
     _check(cfg, env)
-    if task is None:
+    if objective is None:
         if not cfg.data:
             raise UserError("no data: pass --data DIR (the --out folder of `kogpt prepare`)")
-        task = LMTask(cfg, read_meta(cfg.data), env)
+        objective = LMObjective(cfg, read_meta(cfg.data), env)
     out, say = Path(cfg.out), (tqdm.write if env.main else (lambda *a, **k: None))
     resumed = load_latest(out / CKPT_DIR) if cfg.resume else None
     if cfg.resume and resumed is None:
         raise UserError(f"nothing to resume: no checkpoint in {out / CKPT_DIR}")
-    if resumed is not None and resumed["data_hash"] != task.data_hash:
+    if resumed is not None and resumed["data_hash"] != objective.data_hash:
         raise UserError(f"the checkpoint in {out / CKPT_DIR} was trained on other data (another tokenizer, "
                         f"task or training file): train into a new --out")
     if resumed is not None and resumed["step"] >= cfg.max_steps:
-        done = _finished(resumed["step"], cfg, task, out)
+        done = _finished(resumed["step"], cfg, objective, out)
         if done is not None:
             say(f"nothing to train: the run in {out} already reached step {cfg.max_steps} (max_steps); "
                 f"its model is in {done}")
@@ -223,49 +224,50 @@ def _train(cfg: TrainConfig, env: Env, task: Task | None) -> TrainResult:
         say(f"the run in {out} already reached step {cfg.max_steps} (max_steps); writing its model from the checkpoint")
 
     torch.manual_seed(cfg.seed)  # the same init on every rank
-    model = task.start(cfg, env, resumed)
+    model = objective.start(cfg, env, resumed)
     mcfg = model.config
     model.train()
-    net, fwd = _wrap(model, task, cfg, env)
+    net, fwd = _wrap(model, objective, cfg, env)
     opt = make_optimizer(net, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
-    step, best = 0, None  # best: {"step", "metric", "value"} of the task's selection metric
+    step, best = 0, None  # best: {"step", "metric", "value"} of the objective's selection metric
     if resumed is not None:
         restore(model, opt, resumed)
         step, best = resumed["step"], resumed.get("best")
         say(f"resumed from step {step}")
     min_lr = cfg.min_lr if cfg.min_lr >= 0 else cfg.lr / 10
-    autocast = torch.autocast(env.device.type, dtype=_DTYPES[cfg.dtype], enabled=cfg.dtype != "float32")
+    autocast = torch.autocast(env.device.type, dtype=torch_dtype(cfg.dtype), enabled=cfg.dtype != "float32")
     n_micro = cfg.grad_accum // env.world
-    peak = cfg.peak_flops or measure_peak_flops(_DTYPES[cfg.dtype], env.device)
+    peak = cfg.peak_flops or measure_peak_flops(torch_dtype(cfg.dtype), env.device)
     flops_token = flops_per_token(mcfg, cfg.seq_len)
     if cfg.overwrite and env.main:
         _clear_run(out)
     log = RunLog(out, env.main, step if resumed is not None else None)
     if env.main:
         write_json(out / "config.json", {"train": cfg.to_dict(), "model": _config_dict(mcfg),
-                                         "params": mcfg.num_params(), "world_size": env.world, **task.describe()})
-        say(f"model: {mcfg.num_params() / 1e6:.2f}M parameters; {task.tokens(0)} tokens in the first step; "
+                                         "params": mcfg.num_params(), "world_size": env.world, **objective.describe()})
+        say(f"model: {mcfg.num_params() / 1e6:.2f}M parameters; {objective.tokens(0)} tokens in the first step; "
             f"{env.world} process(es) on {env.device.type}")
 
     def checkpoint():
         sd, osd = gather(model, opt)
         if env.main:
             state = {"step": step, "model": sd, "optimizer": osd, "rng": rng_state(), "best": best,
-                     "model_config": _config_dict(mcfg), "train_config": cfg.to_dict(), "data_hash": task.data_hash}
+                     "model_config": _config_dict(mcfg), "train_config": cfg.to_dict(),
+                     "data_hash": objective.data_hash}
             save_checkpoint(out / CKPT_DIR, step, state, cfg.keep_last)
 
     def validate():
         nonlocal best
-        metrics = task.evaluate(fwd, autocast)
-        if task.select:
-            key, mode = task.select
+        metrics = objective.evaluate(fwd, autocast)
+        if objective.select:
+            key, mode = objective.select
             if _improves(metrics[key], best, mode):
                 best = {"step": step, "metric": key, "value": metrics[key]}
-                _export(model, task, out / MODEL_DIR, env, step, metrics)
+                _export(model, objective, out / MODEL_DIR, env, step, metrics)
             metrics["best_step"] = best["step"]
         log.write(step=step, **metrics)
         log.plot()
-        say(task.summary(step, metrics))
+        say(objective.summary(step, metrics))
         return metrics
 
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not (env.main and cfg.progress), dynamic_ncols=True)
@@ -274,9 +276,9 @@ def _train(cfg: TrainConfig, env: Env, task: Task | None) -> TrainResult:
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             set_lr(opt, lr := lr_at(step, lr=cfg.lr, min_lr=min_lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps))
-            loss_sum, grad_norm = train_step(fwd, net, opt, task, task.micro_batches(step, n_micro), autocast,
-                                             cfg.grad_clip)
-            n_tok = task.tokens(step)
+            batches = objective.micro_batches(step, n_micro)
+            loss_sum, grad_norm = train_step(fwd, net, opt, objective, batches, autocast, cfg.grad_clip)
+            n_tok = objective.tokens(step)
             step += 1
             # one all-reduce: the mean loss over ranks, and whether any rank got a signal (all stop together)
             stopping = torch.tensor(float(bool(stop["signal"])), device=env.device)
@@ -304,8 +306,8 @@ def _train(cfg: TrainConfig, env: Env, task: Task | None) -> TrainResult:
                 break
     bar.close()
     model_dir = None
-    if step == cfg.max_steps and not task.select:
-        model_dir = _export(model, task, out / MODEL_DIR, env, step, metrics)
+    if step == cfg.max_steps and not objective.select:
+        model_dir = _export(model, objective, out / MODEL_DIR, env, step, metrics)
         say(f"model saved to {model_dir}")
     elif step == cfg.max_steps and (out / MODEL_DIR).is_dir():  # written at the best validation
         model_dir = out / MODEL_DIR
@@ -315,15 +317,15 @@ def _train(cfg: TrainConfig, env: Env, task: Task | None) -> TrainResult:
     return TrainResult(step, model_dir, signum if step < cfg.max_steps else None, metrics)
 
 
-def _finished(step: int, cfg: TrainConfig, task, out: Path) -> Path | None:
-    """A resumed run whose checkpoint is at max_steps: its model folder, or None when the task can write
-    it again from the checkpoint (written at the end); past max_steps, or a lost best model, is an error."""
+def _finished(step: int, cfg: TrainConfig, objective: Objective, out: Path) -> Path | None:
+    """A resumed run whose checkpoint is at max_steps: its model folder, or None when the objective can
+    write it again from the checkpoint (written at the end); past max_steps, or a lost best model, is an error."""
     if step > cfg.max_steps:
         raise UserError(f"the checkpoint in {out / CKPT_DIR} is at step {step}, past max_steps {cfg.max_steps}: "
                         f"resume with the run's own settings (max_steps >= {step}), or train into a new --out")
     if (out / MODEL_DIR).is_dir():
         return out / MODEL_DIR
-    if task.select:
+    if objective.select:
         raise UserError(f"the run in {out} is complete, but its best model {out / MODEL_DIR} is missing and cannot "
                         f"be rebuilt from the last checkpoint: train again into a new --out (or with --overwrite)")
     return None
@@ -335,13 +337,13 @@ def _config_dict(mcfg: GPTConfig) -> dict:
     return d
 
 
-def _export(model: torch.nn.Module, task, folder: Path, env: Env, step: int, metrics: dict) -> Path:
-    """The task's HF-format folder from the full (gathered) state dict; only rank 0 writes."""
+def _export(model: torch.nn.Module, objective: Objective, folder: Path, env: Env, step: int, metrics: dict) -> Path:
+    """The objective's HF-format folder from the full (gathered) state dict; only rank 0 writes."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.main:
-        _replace_folder(folder, lambda tmp: task.save(sd, tmp, step, metrics))
+        _replace_folder(folder, lambda tmp: objective.save(sd, tmp, step, metrics))
     return folder
 
 

@@ -1,11 +1,11 @@
-"""LMTask: what pretraining plugs into the training loop (train.py).
+"""LMObjective: what pretraining plugs into the training loop (loop.py).
 
 Random windows of the token memmaps of `kogpt prepare`, the fused next-token loss (loss.py), and
 validation loss / perplexity / bits per byte with a short sample. The model is a preset shape, an
 HF folder (--init-from, continued pretraining) or a checkpoint's; the export is an HF LM folder.
-It implements train.Task, as finetune.FinetuneTask does.
+It implements loop.Objective, as finetune.ClassifierObjective does.
 
-    train(cfg)  # LMTask(cfg, read_meta(cfg.data), env) is the default task
+    train(cfg)  # LMObjective(cfg, read_meta(cfg.data), env) is the default objective
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ..hf.checkpoint import build_model, load_config, load_model, resolve, save_model
+from ..core.layout import Layout
+from ..hf.folder import load_config, require_language_model
+from ..hf.hub import resolve
+from ..hf.load import load
+from ..hf.save import write_model
 from ..core.config import GPTConfig
 from ..data.tokens import TOKENIZER_DIR, BatchSampler, DataError
 from ..errors import UserError
@@ -24,7 +28,7 @@ from ..core.model import GPT
 from .config import TrainConfig
 
 
-class LMTask:
+class LMObjective:
     """Pretraining: random windows of the prepared token memmaps, next-token loss, val loss/ppl/bpb."""
 
     select = None  # no best-checkpoint selection: the model folder is written at the end
@@ -49,7 +53,7 @@ class LMTask:
         self.cfg, self.env = cfg, env
         mcfg = _model_config(self.cfg, self.tok, resumed)
         if self.cfg.init_from and resumed is None:
-            self.model = load_model(resolve(self.cfg.init_from), dtype=torch.float32, device=self.env.device)
+            self.model = load(resolve(self.cfg.init_from), Layout(torch.float32), self.env.device)
         else:
             with self.env.device:
                 self.model = GPT(mcfg)
@@ -111,7 +115,7 @@ class LMTask:
 
     def save(self, state_dict: dict, folder: Path, step: int, metrics: dict) -> None:
         """The HF-format LM folder (config.json, model.safetensors) plus the tokenizer files (rank 0)."""
-        save_model(build_model(self.model.config, state_dict), folder)
+        write_model(state_dict, self.model.config, folder)
         self.tok.save(folder)
 
 
@@ -134,6 +138,7 @@ def _model_config(cfg: TrainConfig, tok, resumed: dict | None) -> GPTConfig:
         if shape:
             raise UserError(f"{', '.join(shape)} shape a new model from a preset; --init-from keeps the model's shape")
         folder = resolve(cfg.init_from)
+        require_language_model(folder, cfg.init_from, "continue pretraining (--init-from takes a language model)")
         mcfg = load_config(folder)
         if (folder / "tokenizer.json").exists() and type(tok).from_dir(folder).hash() != tok.hash():
             raise UserError(f"vocab mismatch: {cfg.init_from} has its own tokenizer and the data was prepared with "

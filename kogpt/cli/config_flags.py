@@ -1,0 +1,49 @@
+"""Command-line flags from settings dataclasses: one --flag per field, with the field's own help.
+
+`kogpt train` (TrainConfig) and `kogpt finetune` (FinetuneConfig and the TrainConfig it holds) build
+their flags here, so a setting is documented once, in its field, and spelled alike in both commands:
+weight_decay is --weight-decay, a bool is --x / --no-x. A flag not given stays out of the parsed
+namespace (argparse.SUPPRESS), so the dataclass default, or a TOML file's value, stands.
+
+    add_config_flags(parser, {"optimizer": "lr beta1 beta2"}, FIELDS); given(args, FIELDS)
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import Field
+
+from ..training.config import flag_name
+
+_TYPES = {"int": int, "float": float, "str": str}
+_METAVARS = {"int": "N", "float": "X"}
+
+
+def add_config_flags(p: argparse.ArgumentParser, groups: Mapping[str, str], fields: Mapping[str, Field],
+                     defaults: Mapping[str, object] | None = None, helps: Mapping[str, str] | None = None) -> None:
+    """A --help group per title of `groups`, with the flags of its fields (space-separated names of
+    `fields`); `defaults` and `helps` replace a field's default and help where a command differs."""
+    defaults, helps = defaults or {}, helps or {}
+    for title, names in groups.items():
+        group = p.add_argument_group(title)
+        for name in names.split():
+            f = fields[name]
+            default, help = defaults.get(name, f.default), helps.get(name, f.metadata["help"])
+            if f.type == "dict":  # NAME=X entries, one per repeated flag
+                group.add_argument(f.metadata["flag"], dest=name, action="append", default=argparse.SUPPRESS,
+                                   metavar=f.metadata["metavar"], help=f"{help} (repeatable)")
+                continue
+            help += "" if default in ("", None) else f" (default: {default!r})"
+            if f.type == "bool":
+                group.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                   help=help)
+            else:
+                metavar = f.metadata.get("metavar") or _METAVARS.get(f.type, name.split("_")[-1].upper())
+                group.add_argument(flag_name(name), type=_TYPES[f.type], default=argparse.SUPPRESS, metavar=metavar,
+                                   help=help)
+
+
+def given(args: argparse.Namespace, fields: Mapping[str, Field]) -> dict:
+    """The settings of `fields` given as flags, by field name."""
+    return {k: v for k, v in vars(args).items() if k in fields}

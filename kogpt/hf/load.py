@@ -1,0 +1,127 @@
+"""THE way a model folder becomes a module: `load(folder, layout, device)`.
+
+config.json names the model: a GPT (GPT2LMHeadModel / GPTJForCausalLM) or a sequence Classifier
+(*ForSequenceClassification). It is built on the meta device, and each tensor streams from the weight
+files (weights.py) through the one conversion (convert.py) into it, cast to the layout's dtype; each
+Linear becomes the layout's final layer as soon as its weight and bias are read (core/layout.py). So no
+float copy of the whole model ever exists: the peak memory is the loaded model plus about one tensor.
+
+    model = load(resolve("skt/kogpt2-base-v2"), "int8")  # resolve: kogpt.hf.hub
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..core.classifier import Classifier
+from ..core.layout import Layout, on_meta
+from ..core.model import GPT
+from .convert import ConversionError, dtype_from_hf, from_hf, is_classifier_config
+from .folder import CONFIG_FILE, CheckpointError, load_config, read_head, read_json
+from .weights import open_weights
+
+
+def load(folder: str | os.PathLike, layout: str | Layout = "auto",
+         device: str | torch.device = "cpu") -> GPT | Classifier:
+    """The model of a local HF-format folder, in eval mode: a GPT, or a Classifier when config.json names
+    a *ForSequenceClassification. layout: a --dtype name (core/dtypes.NAMES; "auto": the checkpoint's dtype)
+    or a Layout, e.g. Layout(torch.float32) for training (plain nn.Linear)."""
+    folder = Path(folder)
+    layout = layout if isinstance(layout, Layout) else Layout.parse(layout)
+    raw = read_json(folder / CONFIG_FILE)
+    classifier = is_classifier_config(raw)
+    if classifier:
+        head, config = read_head(folder, raw)
+    else:
+        config = load_config(folder, raw)
+    with unfragmented(), open_weights(folder) as weights:
+        layout = layout.resolve(layout.dtype or dtype_from_hf(raw) or weights.dtype(), device)
+        with on_meta():
+            model = Classifier(GPT(config), len(head.labels)) if classifier else GPT(config)
+        fill = _Filler(model, layout, device)
+        try:
+            for name, t in from_hf(lambda n: weights.get(n, layout.dtype), weights.names, config, classifier):
+                fill.put(name, t)
+                del t
+        except ConversionError as e:
+            raise CheckpointError(f"{folder}: {e}") from None
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise CheckpointError(f"{folder}: no tensor for {sorted(left)[:3]}")
+    return model.eval()
+
+
+class _Filler:
+    """Puts each converted tensor into the meta-built model: floats as Parameters, and each Linear as the
+    layout's layer once its weight (and bias) are in. A tied LM head takes the embeddings as its weight:
+    the very Parameter in plain layouts (training updates one tensor), its own packed or int8 copy in
+    the others."""
+
+    def __init__(self, model: nn.Module, layout: Layout, device):
+        self.model, self.layout, self.device = model, layout, device
+        self.linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self.parts: dict[str, dict[str, torch.Tensor]] = {}  # Linear -> its tensors read so far
+        self.tied = isinstance(model, GPT) and model.config.tie_word_embeddings
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        want = self.model.get_parameter(name).shape
+        if t.shape != want:
+            raise CheckpointError(f"tensor {name} has shape {tuple(t.shape)}, the config needs {tuple(want)}")
+        module, _, attr = name.rpartition(".")
+        t = t.to(self.device)
+        if module in self.linears:
+            self._linear_part(module, attr, t)
+        else:
+            t = nn.Parameter(t)
+            setattr(self.model.get_submodule(module), attr, t)
+        if name == "wte.weight" and self.tied:
+            self._linear_part("lm_head", "weight", t)
+
+    def _linear_part(self, module: str, attr: str, t: torch.Tensor) -> None:
+        parts = self.parts.setdefault(module, {})
+        parts[attr] = t
+        if len(parts) < (1 if self.linears[module].bias is None else 2):
+            return
+        del self.parts[module]
+        parent, _, child = module.rpartition(".")
+        layer = self.layout.make_linear(parts.pop("weight"), parts.pop("bias", None))
+        setattr(self.model.get_submodule(parent), child, layer)
+
+
+@contextmanager
+def unfragmented():
+    """Keep glibc's heap from fragmenting while loading: tensors are read, converted and freed one after
+    another, and once glibc has freed a big mmap'ed block it serves blocks up to that size from the
+    heap, where freed ones pin memory (up to ~1.5× the weights at the peak). Blocks of 128 KiB and
+    more come from mmap while this is active (for the whole process); afterwards the thresholds stay
+    fixed at glibc's own ceilings (mmap 32 MiB, trim 64 MiB) for the rest of the process. A no-op
+    without glibc."""
+    global _unfragmented_depth
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        yield
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    with _unfragmented_lock:
+        _unfragmented_depth += 1
+        mallopt(M_MMAP_THRESHOLD, 128 << 10)
+    try:
+        yield
+    finally:
+        with _unfragmented_lock:
+            _unfragmented_depth -= 1
+            if not _unfragmented_depth:  # glibc's own ceilings; setting them stops its adaptive resizing
+                mallopt(M_MMAP_THRESHOLD, 32 << 20)
+                mallopt(M_TRIM_THRESHOLD, 64 << 20)
+
+
+_unfragmented_depth = 0
+_unfragmented_lock = threading.Lock()

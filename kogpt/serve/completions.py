@@ -1,0 +1,239 @@
+"""The generation routes: POST /v1/completions and POST /v1/chat/completions.
+
+A handler validates its body (kogpt.serve.protocol), `plan` turns it into one SeqSpec per prompt
+and choice (limits, context, PPLM steering, seeds), the Scheduler runs them, and `respond` answers
+with one JSON body or an SSE stream (`data: {...}` chunks, then `data: [DONE]`). A client that goes
+away cancels its job at once, freeing the batch rows. A full queue is a 429 straight away.
+
+    app.include_router(completions.router)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ..errors import UserError
+from ..generation.steering import TOPICS
+from .protocol import APIError, ChatRequest, CompletionRequest, envelope, new_id, parse_body, request_schema, usage
+from .scheduler import Job, QueueFull, SeqSpec
+from .state import ServerState, server
+
+log = logging.getLogger("kogpt.serve")
+router = APIRouter()
+
+
+@router.post("/v1/completions", openapi_extra=request_schema(CompletionRequest))
+async def completions(request: Request):
+    s = server(request)
+    body = await parse_body(request, CompletionRequest)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise APIError(400, "prompt is an empty list", "prompt")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo together with logprobs is not supported", "echo")
+    if body.best_of not in (None, body.n):
+        raise APIError(400, "best_of other than n is not supported", "best_of")
+    if body.suffix:
+        raise APIError(400, "suffix (insertion) is not supported", "suffix")
+    specs = plan(s, body, prompts, body.stops(), body.max_tokens, body.logprobs, "prompt")
+    job = submit(s, specs)
+    return await respond(s, request, body, job, specs, "text_completion",
+                         echo=[p for p in prompts for _ in range(body.n)] if body.echo else None)
+
+
+@router.post("/v1/chat/completions", openapi_extra=request_schema(ChatRequest))
+async def chat_completions(request: Request):
+    s = server(request)
+    body = await parse_body(request, ChatRequest)
+    prompt, stops = s.template.render([{"role": m.role, "content": m.text()} for m in body.messages])
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    specs = plan(s, body, [prompt], stops + body.stops(), max_tokens, logprobs, "messages")
+    return await respond(s, request, body, submit(s, specs), specs, "chat.completion")
+
+
+# -- request → sequences --------------------------------------------------------------------------
+def plan(s: ServerState, body, prompts: list[str], stops: list[str], max_tokens: int | None,
+         logprobs: int | None, prompt_param: str) -> list[SeqSpec]:
+    """One SeqSpec per prompt and choice, or the APIError (400) naming the first option out of bounds."""
+    gpt, ctx, limit = s.gpt, s.ctx, s.limit
+    if body.presence_penalty or body.frequency_penalty:
+        raise APIError(400, "presence_penalty and frequency_penalty are not supported; use repetition_penalty",
+                       "presence_penalty" if body.presence_penalty else "frequency_penalty")
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported", "logit_bias")
+    if len(body.stops()) > 4:
+        raise APIError(400, f"at most 4 stop sequences, got {len(body.stops())}", "stop")
+    if max_tokens is not None and max_tokens > limit:
+        raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limit}", "max_tokens")
+    overrides = body.sampling_overrides()
+    steer = None
+    if body.bow is not None:
+        if isinstance(body.bow, str) and body.bow not in TOPICS and body.bow not in TOPICS.values():
+            raise APIError(400, f"bow must be a list of words or a bundled topic: {', '.join(TOPICS)}", "bow")
+        if isinstance(body.bow, list) and not (0 < len(body.bow) <= 500 and all(0 < len(w) <= 50 for w in body.bow)):
+            raise APIError(400, "bow must hold 1 to 500 words of 1 to 50 characters", "bow")
+        try:
+            steer = gpt.steerers(body.bow, body.pplm.knobs() if body.pplm else None, len(prompts) * body.n)
+        except UserError as e:
+            raise APIError(400, str(e), "bow") from None
+    elif body.pplm is not None:
+        raise APIError(400, "pplm options need bow (a topic name or a list of words)", "pplm")
+    sampling, max_new, max_len = gpt.options(steering=body.bow is not None, **overrides)
+    specs = []
+    for prompt in prompts:
+        ids = gpt.encode_prompt(prompt)
+        if len(ids) >= ctx:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; the model's context holds {ctx}",
+                           prompt_param, "context_length_exceeded")
+        if max_tokens is None:  # the model's default length recipe, at least 16 tokens
+            default = max_new or (max_len - len(ids) if max_len else ctx)
+            budget = min(max(default, 16), limit, ctx - len(ids))
+        elif len(ids) + max_tokens > ctx:
+            raise APIError(400, f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}: more than "
+                           f"the model's context of {ctx}", "max_tokens", "context_length_exceeded")
+        else:
+            budget = max_tokens
+        for j in range(body.n):
+            seed = None if body.seed is None else (body.seed + j) % (1 << 64)  # torch takes 64-bit seeds
+            specs.append(SeqSpec(ids, budget, sampling, stops, seed, logprobs,
+                                 None if steer is None else steer[len(specs)]))
+    return specs
+
+
+def submit(s: ServerState, specs: list[SeqSpec]) -> Job:
+    try:
+        return s.scheduler.submit(specs)
+    except QueueFull as e:
+        raise APIError(429, str(e), code="rate_limit_exceeded", type="rate_limit_error") from None
+
+
+# -- sequences → response -------------------------------------------------------------------------
+async def respond(s: ServerState, request: Request, body, job: Job, specs: list[SeqSpec], kind: str,
+                  echo: list[str] | None = None):
+    """The whole response as one JSON body, or (body.stream) the SSE stream of its pieces."""
+    rid, created = new_id("cmpl" if kind == "text_completion" else "chatcmpl"), int(time.time())
+    chat = kind == "chat.completion"
+    top_n = specs[0].logprobs
+    want_lp = top_n is not None
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return _SSE(job, sse(s, job, rid, created, chat, echo, top_n, include_usage))
+    watcher = asyncio.create_task(_disconnected(request.receive, job))
+    texts, tokens, lps, tops = ([[] for _ in specs] for _ in range(4))
+    finish, completion_tokens = [None] * len(specs), 0
+    try:
+        async for p in job:
+            texts[p.index].append(p.text)
+            tokens[p.index] += p.token_ids
+            lps[p.index] += p.logprobs
+            tops[p.index] += p.top
+            if p.finish:
+                finish[p.index], completion_tokens = p.finish, completion_tokens + p.completion_tokens
+    finally:
+        watcher.cancel()
+        job.cancel()
+    choices = []
+    for i in range(len(specs)):
+        text = "".join(texts[i])
+        if chat:
+            text = text.lstrip()
+            lp = s.token_text.chat(tokens[i], lps[i], tops[i]) if want_lp else None
+            choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                            "finish_reason": finish[i]})
+        else:
+            lp = s.token_text.completion(tokens[i], lps[i], tops[i], 0, specs[i].logprobs) if want_lp else None
+            choices.append({"index": i, "text": (echo[i] if echo else "") + text, "logprobs": lp,
+                            "finish_reason": finish[i]})
+    out = envelope(kind, rid, s.model_id, choices, created)
+    out["usage"] = usage(job.prompt_tokens, completion_tokens)
+    return out
+
+
+async def sse(s: ServerState, job: Job, rid: str, created: int, chat: bool, echo, top_n: int | None,
+              include_usage: bool):
+    """The SSE chunks of a job; an engine failure mid-stream becomes an error chunk, as OpenAI does."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    started: set[int] = set()
+    offsets = [len(e) for e in echo] if echo else [0] * job.n
+    completion_tokens = 0
+
+    def chunk(choices: list[dict], **extra) -> bytes:
+        data = dict(envelope(kind, rid, s.model_id, choices, created), **extra)
+        return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
+
+    try:
+        if chat:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(job.n)])
+        elif echo:
+            yield chunk([{"index": i, "text": e, "logprobs": None, "finish_reason": None}
+                         for i, e in enumerate(echo)])
+        async for p in job:
+            text = p.text
+            if chat and p.index not in started:
+                text = text.lstrip()
+                if text:
+                    started.add(p.index)
+            completion_tokens += p.completion_tokens
+            if not text and not p.finish:
+                continue
+            finish = None if p.finish == "cancelled" else p.finish
+            if chat:
+                lp = s.token_text.chat(p.token_ids, p.logprobs, p.top) if top_n is not None else None
+                choice = {"index": p.index, "delta": {"content": text} if text else {}, "logprobs": lp}
+            else:
+                lp = None
+                if top_n is not None:
+                    lp = s.token_text.completion(p.token_ids, p.logprobs, p.top, offsets[p.index], top_n)
+                    offsets[p.index] += len(text)
+                choice = {"index": p.index, "text": text, "logprobs": lp}
+            yield chunk([dict(choice, finish_reason=finish)])
+        if include_usage:
+            yield chunk([], usage=usage(job.prompt_tokens, completion_tokens))
+    except Exception as e:  # the engine failed mid-stream: say so in the stream, as OpenAI does
+        log.exception("stream failed")
+        err = APIError(500, f"generation failed: {e}", type="server_error")
+        yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+    yield b"data: [DONE]\n\n"
+
+
+async def _disconnected(receive, job: Job) -> None:
+    """Cancel `job` when the client disconnects (reads the ASGI receive channel after the body)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            job.cancel()
+            return
+
+
+class _SSE(StreamingResponse):
+    """text/event-stream whose job is cancelled as soon as the client goes away."""
+
+    def __init__(self, job: Job, chunks):
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        watcher = asyncio.create_task(_disconnected(receive, self.job))
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                if watcher.done():
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            else:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went away while we were sending
+            pass
+        finally:
+            watcher.cancel()
+            self.job.cancel()
+            await self.body_iterator.aclose()
