@@ -280,6 +280,117 @@ def test_pplm_extension_fields(client, ref):
     assert r0.choices[0].text == ref.generate("오늘은", top_k=10, **kw) != r.choices[0].text
 
 
+# -- prompt forms, echo with logprobs, the schema --------------------------------------------------
+def full_logprobs(gpt, ids):
+    """Oracle: log p(ids[t] | ids[:t]) for t >= 1 from one plain forward, and each position's log-softmax."""
+    logp = gpt.model(torch.tensor([ids]))[0, :-1].float().log_softmax(-1)  # (T-1, V)
+    return logp.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist(), logp
+
+
+def test_prompt_as_text_texts_ids_and_id_lists_generate_alike(url, ref):
+    texts = ["안녕하세요", "오늘 날씨가"]
+    ids = [ref.encode_prompt(t) for t in texts]
+    def texts_of(prompt):
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0}, timeout=30)
+        assert r.status_code == 200, r.text
+        return [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+
+    expected = [ref.generate(t, greedy=True, max_new_tokens=8) for t in texts]
+    assert texts_of(texts) == texts_of(ids) == expected
+    assert texts_of(texts[0]) == texts_of(ids[0]) == expected[:1]
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": ids, "max_tokens": 8, "temperature": 0}).json()
+    assert r["usage"]["prompt_tokens"] == sum(map(len, ids))
+
+
+@pytest.mark.parametrize("prompt,words", [([5, 1000], "token id 1000"), ([[5], [7, -3]], "token id -3"),
+                                          ([[]], "empty list"), ([], "empty list"), ([1, "a"], "prompt")])
+def test_bad_token_id_prompts_are_400_naming_the_id(url, prompt, words):
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and words in r.json()["error"]["message"]
+
+
+def test_echo_logprobs_score_the_prompt_like_a_plain_forward(url, ref):
+    ids = ref.encode_prompt("대한민국의 수도는 서울입니다")
+    want, logp = full_logprobs(ref, ids)
+    for max_tokens in (0, 3):
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": ids, "echo": True, "logprobs": 2, "n": 2,
+                                                      "max_tokens": max_tokens, "temperature": 0}, timeout=30).json()
+        assert len(r["choices"]) == 2 and r["choices"][0]["logprobs"] == r["choices"][1]["logprobs"]
+        for c in r["choices"]:  # n > 1: each choice repeats the prompt part
+            lp = c["logprobs"]
+            assert c["text"].startswith(ref.tokenizer.decode(ids))
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["text_offset"]) >= len(ids)
+            assert lp["token_logprobs"][1:len(ids)] == pytest.approx(want, abs=1e-4)
+            for t, top in enumerate(lp["top_logprobs"][1:len(ids)]):  # top-2 of each prompt position
+                best = logp[t].topk(2).values.tolist()
+                assert sorted(top.values(), reverse=True) == pytest.approx(best, abs=1e-4)
+            assert len(lp["tokens"]) == len(ids) + r["usage"]["completion_tokens"] // 2  # greedy: equal choices
+        assert r["usage"]["completion_tokens"] == (0 if max_tokens == 0 else 2 * max_tokens)
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "안녕", "echo": True, "max_tokens": 0}).json()
+    assert r["choices"][0]["text"] == "안녕" and r["choices"][0]["logprobs"] is None
+    assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 0
+
+
+def test_echo_streams_the_prompt_with_the_first_piece_as_vllm_does(url, ref):
+    ids = ref.encode_prompt("오늘 날씨가 좋네요")
+    body = {"prompt": "오늘 날씨가 좋네요", "echo": True, "logprobs": 1, "max_tokens": 6, "temperature": 0}
+    whole = httpx.post(f"{url}/v1/completions", json=body, timeout=30).json()["choices"][0]
+    with httpx.stream("POST", f"{url}/v1/completions", json=dict(body, stream=True), timeout=30) as r:
+        chunks = [json.loads(e)["choices"][0] for e in sse_events(r)[:-1]]
+    assert chunks[0]["text"].startswith("오늘 날씨가 좋네요") and len(chunks[0]["logprobs"]["tokens"]) > len(ids)
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    tokens = [t for c in chunks for t in c["logprobs"]["tokens"]]
+    token_lps = [t for c in chunks for t in c["logprobs"]["token_logprobs"]]
+    assert tokens == whole["logprobs"]["tokens"]
+    assert token_lps == pytest.approx(whole["logprobs"]["token_logprobs"], abs=1e-5)
+    with httpx.stream("POST", f"{url}/v1/completions", json=dict(body, stream=True, max_tokens=0), timeout=30) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]" and len(events) == 2  # max_tokens 0: the prompt alone, then done
+    only = json.loads(events[0])["choices"][0]
+    assert only["text"] == "오늘 날씨가 좋네요" and only["finish_reason"] == "length"
+    assert len(only["logprobs"]["tokens"]) == len(ids)
+
+
+def test_completion_logprobs_list_the_eos_token(tmp_path, korean_tokenizer):
+    """A choice that stops at EOS lists it in logprobs (as OpenAI and vLLM do): lm-eval cuts the last entry."""
+    eos = korean_tokenizer.eos_id
+    folder = scripted_model_dir(tmp_path / "eos", korean_tokenizer, [eos], prompt_len=3)
+    gpt = KoGPT.from_pretrained(folder, device="cpu")
+    with running(create_app(gpt)) as u:
+        r = httpx.post(f"{u}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0,
+                                                    "logprobs": 1, "echo": True}, timeout=30).json()
+    c = r["choices"][0]
+    assert c["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 1
+    assert c["logprobs"]["tokens"][-1] == korean_tokenizer.eos_token and len(c["logprobs"]["tokens"]) == 4
+
+
+def test_schema_documents_bodies_and_errors_and_405_has_allow(url):
+    spec = httpx.get(f"{url}/openapi.json").json()
+    post = spec["paths"]["/v1/completions"]["post"]
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/CompletionRequest")
+    prompt = spec["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
+    assert {"type": "string"} in prompt["anyOf"] and {"items": {"type": "integer"}, "type": "array"} in prompt["anyOf"]
+    for path, method, statuses in [("/v1/completions", "post", {"200", "400", "401", "413", "429"}),
+                                   ("/v1/chat/completions", "post", {"200", "400", "401", "413", "429"}),
+                                   ("/v1/models", "get", {"200", "401"}), ("/v1/models/{name}", "get", {"200", "401", "404"}),
+                                   ("/health", "get", {"200", "503"})]:
+        op = spec["paths"][path][method]
+        assert statuses <= set(op["responses"]), (path, op["responses"].keys())
+        for status in statuses - {"200", "503"}:
+            assert op["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+        assert "$ref" in op["responses"]["200"]["content"]["application/json"]["schema"]
+    assert "text/event-stream" in post["responses"]["200"]["content"]
+    r = httpx.get(f"{url}/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/models")
+    assert r.status_code == 405 and r.headers["allow"] == "GET"
+    form = {"content-type": "application/x-www-form-urlencoded"}  # what curl -d declares: still read as JSON
+    r = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "a", "max_tokens": 2}', headers=form)
+    assert r.status_code == 200 and r.json()["object"] == "text_completion"
+
+
 # -- batching, streaming text, cancellation, back-pressure ---------------------------------------
 def test_greedy_batched_equals_unbatched(url):
     prompts = [line[:k] for line, k in zip(KOREAN_LINES, (3, 30, 8, 17, 1, 25, 40, 11))]  # mixed lengths

@@ -19,7 +19,8 @@ from .. import __version__
 from ..errors import UserError
 
 # subcommand modules in the order `kogpt --help` lists them; absent ones are skipped
-_MODULES = ("interactive", "generate", "adventure", "train_tokenizer", "prepare", "train", "eval", "finetune", "serve", "bench")
+_MODULES = ("interactive", "generate", "adventure", "train_tokenizer", "prepare", "train", "eval", "finetune",
+            "sft", "merge", "serve", "bench")
 
 
 def _commands():

@@ -27,6 +27,7 @@ GROUPS = {
     "optimizer and schedule": "lr min_lr warmup_steps weight_decay dropout beta1 beta2 grad_clip weights",
     "validation, logging and checkpoints": "eval_every eval_batches sample_prompt sample_tokens log_every save_every "
                                            "keep_last",
+    "LoRA (with --init-from): adapters on a frozen bf16 base": "lora_r lora_alpha lora_dropout lora_targets",
     "runtime": "seed dtype device compile fsdp peak_flops progress",
 }
 

@@ -3,9 +3,12 @@
 The loader (kogpt.hf.load) builds the model on the meta device and streams each tensor of the file
 into it: floats are cast to the layout's dtype, and each Linear becomes `make_linear(weight, bias)` as
 soon as its weight (and bias) are read, so no float copy of the whole model exists in any layout.
-A new per-layer transform (int4, LoRA) is one more builder in LINEARS and its name in core/dtypes.py.
+A new per-layer transform (int4) is one more builder in LINEARS and its name in core/dtypes.py. LoRA
+(core/lora.py) is orthogonal to the linear kind: the layout's `lora` turns the targeted linears into
+LoRALinear over a frozen weight of the layout's dtype; the others stay the layout's kind.
 
     layout = Layout.parse("int8")  # int8 linears over bf16; Layout(torch.float32): plain fp32, for training
+    layout = Layout(torch.bfloat16, lora=LoRAConfig(r=8))  # frozen bf16 base, fp32 adapters
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn as nn
 from ..errors import UserError
 from .dtypes import INT8, LONG, NAMES, long_name, torch_dtype
 from .int8 import Int8Linear, fbgemm_available
+from .lora import LoRAConfig, LoRALinear
 from .packed import PackedLinear, can_pack
 
 
@@ -70,10 +74,12 @@ LINEARS = {
 @dataclass(frozen=True)
 class Layout:
     """The dtype of a loaded model's floats (None: the checkpoint's own) and the kind of its linears
-    (a key of LINEARS). Layout(torch.float32) is plain fp32: what training, torch.compile and export use."""
+    (a key of LINEARS), and the LoRA adapters its targeted linears get (None: no LoRA).
+    Layout(torch.float32) is plain fp32: what training, torch.compile and export use."""
 
     dtype: torch.dtype | None = None
     linear: str = "plain"
+    lora: LoRAConfig | None = None
 
     @classmethod
     def parse(cls, name: str | torch.dtype | None = "auto", plain: bool = False) -> "Layout":
@@ -105,6 +111,11 @@ class Layout:
                 linear = "int8"
         return dataclasses.replace(self, dtype=dtype, linear=linear)
 
-    def make_linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-        """The final layer of this layout for a Linear's weight (out, in) and bias, both already in self.dtype."""
+    def make_linear(self, weight: torch.Tensor, bias: torch.Tensor | None, name: str = "",
+                    family: str = "gpt2") -> nn.Module:
+        """The final layer of this layout for a Linear's weight (out, in) and bias, both already in self.dtype:
+        a LoRALinear when the layout's LoRA targets `name` (e.g. `h.0.attn.qkv`) in a model of `family`."""
+        adapted = self.lora.adapts(name, family) if self.lora else None
+        if adapted:
+            return LoRALinear(weight, bias, self.lora, *adapted)
         return LINEARS[self.linear](weight, bias, self.dtype)

@@ -12,6 +12,7 @@ float copy of the whole model ever exists: the peak memory is the loaded model p
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import threading
 from contextlib import contextmanager
@@ -25,29 +26,45 @@ from ..core.layout import Layout, on_meta
 from ..core.model import GPT
 from .convert import ConversionError, dtype_from_hf, from_hf, is_classifier_config
 from .folder import CONFIG_FILE, CheckpointError, load_config, read_head, read_json
+from .peft import put_adapter, read_adapter
 from .weights import open_weights
 
 
-def load(folder: str | os.PathLike, layout: str | Layout = "auto",
-         device: str | torch.device = "cpu") -> GPT | Classifier:
+def load(folder: str | os.PathLike, layout: str | Layout = "auto", device: str | torch.device = "cpu",
+         adapter: str | os.PathLike | None = None) -> GPT | Classifier:
     """The model of a local HF-format folder, in eval mode: a GPT, or a Classifier when config.json names
     a *ForSequenceClassification. layout: a --dtype name (core/dtypes.NAMES; "auto": the checkpoint's dtype)
-    or a Layout, e.g. Layout(torch.float32) for training (plain nn.Linear)."""
+    or a Layout, e.g. Layout(torch.float32) for training (plain nn.Linear). adapter: a PEFT LoRA adapter
+    folder (hf/peft.py) to load on top: its layers become LoRALinear, and a SEQ_CLS adapter makes a
+    Classifier with the adapter's score head."""
     folder = Path(folder)
     layout = layout if isinstance(layout, Layout) else Layout.parse(layout)
     raw = read_json(folder / CONFIG_FILE)
     classifier = is_classifier_config(raw)
     if classifier:
         head, config = read_head(folder, raw)
+        num_labels = len(head.labels)
     else:
         config = load_config(folder, raw)
+    extra = {}  # HF name -> tensor that replaces the folder's (an adapter's modules_to_save)
+    if adapter is not None:
+        adapter = read_adapter(adapter, config)
+        layout, extra = dataclasses.replace(layout, lora=adapter.lora), dict(adapter.replaced)
+        if adapter.pad_token_id is not None:  # a classifier reads the last token that is not this pad
+            config = config.replace(pad_token_id=adapter.pad_token_id)
+        if adapter.classifier and not classifier:
+            classifier, num_labels = True, len(extra.get("score.weight", ()))
     with unfragmented(), open_weights(folder) as weights:
         layout = layout.resolve(layout.dtype or dtype_from_hf(raw) or weights.dtype(), device)
         with on_meta():
-            model = Classifier(GPT(config), len(head.labels)) if classifier else GPT(config)
+            model = Classifier(GPT(config), num_labels) if classifier else GPT(config)
         fill = _Filler(model, layout, device)
+
+        def get(name: str) -> torch.Tensor:
+            return extra.pop(name).to(layout.dtype) if name in extra else weights.get(name, layout.dtype)
+
         try:
-            for name, t in from_hf(lambda n: weights.get(n, layout.dtype), weights.names, config, classifier):
+            for name, t in from_hf(get, [*weights.names, *extra], config, classifier):
                 fill.put(name, t)
                 del t
         except ConversionError as e:
@@ -55,6 +72,11 @@ def load(folder: str | os.PathLike, layout: str | Layout = "auto",
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise CheckpointError(f"{folder}: no tensor for {sorted(left)[:3]}")
+    if adapter is not None:
+        if extra:
+            raise CheckpointError(f"{adapter.folder}: the adapter replaces {sorted(extra)[0]}, "
+                                  f"which the base model does not have")
+        put_adapter(model, adapter)
     return model.eval()
 
 
@@ -69,6 +91,7 @@ class _Filler:
         self.linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         self.parts: dict[str, dict[str, torch.Tensor]] = {}  # Linear -> its tensors read so far
         self.tied = isinstance(model, GPT) and model.config.tie_word_embeddings
+        self.family = model.config.family
 
     def put(self, name: str, t: torch.Tensor) -> None:
         want = self.model.get_parameter(name).shape
@@ -91,7 +114,7 @@ class _Filler:
             return
         del self.parts[module]
         parent, _, child = module.rpartition(".")
-        layer = self.layout.make_linear(parts.pop("weight"), parts.pop("bias", None))
+        layer = self.layout.make_linear(parts.pop("weight"), parts.pop("bias", None), module, self.family)
         setattr(self.model.get_submodule(parent), child, layer)
 
 

@@ -2,8 +2,9 @@
 
 app.py builds the FastAPI app (create_app); completions.py holds the generation routes, info.py the
 page, /health, /metrics and /v1/models, guard.py the key/size/counting middleware, state.py what
-they share; scheduler.py runs the engine thread, protocol.py the OpenAI wire format, chat.py the
-chat template, telemetry.py the Prometheus metrics (prometheus_client), static/ the page.
+they share; scheduler.py runs the engine thread, protocol.py the OpenAI wire format, schema.py the
+response models of /openapi.json, telemetry.py the Prometheus metrics (prometheus_client), static/
+the page. The chat template lives in kogpt.text.chat.
 
     from kogpt.serve import serve; serve(KoGPT.from_pretrained("kogpt-mini"), port=8000)
 """
@@ -11,7 +12,7 @@ chat template, telemetry.py the Prometheus metrics (prometheus_client), static/ 
 from __future__ import annotations
 
 from .app import create_app
-from .chat import ChatTemplate
+from ..text.chat import ChatTemplate
 
 __all__ = ["create_app", "serve", "ChatTemplate"]
 

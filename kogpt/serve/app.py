@@ -5,7 +5,9 @@ Where each endpoint lives:
   GET /, /health, /metrics, /v1/models         info.py
   bearer key, body limit, request counting     guard.py (pure ASGI, in front of every route)
 The shared state (model, Scheduler, Metrics, template, limits) is one ServerState on app.state.server.
-Every error is an OpenAI error body: UserError and bad input are 400, a full queue 429 at once.
+Every error is an OpenAI error body: UserError and bad input are 400 (FastAPI validates each body
+against its pydantic model; the handler below words the error), a full queue 429 at once, a wrong
+method 405 with `Allow`. Request and response models are all in /openapi.json (schema.py).
 
     uvicorn.run(create_app(KoGPT.from_pretrained("kogpt-mini")), host="127.0.0.1", port=8000)
 """
@@ -22,7 +24,7 @@ from starlette.exceptions import HTTPException
 from ..api import KoGPT
 from ..errors import UserError
 from . import completions, info
-from .chat import ChatTemplate
+from ..text.chat import ChatTemplate
 from .guard import Guard, route_label
 from .protocol import APIError, TokenText, invalid_body
 from .scheduler import Scheduler
@@ -79,8 +81,12 @@ async def _invalid(request: Request, e: RequestValidationError):
 
 
 async def _http_error(request: Request, e: HTTPException):
+    if e.status_code == 400 and isinstance(e.__cause__, ValueError):  # FastAPI could not decode the body
+        return APIError(400, f"the body is not valid JSON: {e.__cause__}").response()
     kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-    return APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind).response()
+    response = APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind).response()
+    response.headers.update(e.headers or {})  # 405 carries Allow
+    return response
 
 
 async def _crash(request: Request, e: Exception):

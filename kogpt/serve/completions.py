@@ -1,9 +1,11 @@
 """The generation routes: POST /v1/completions and POST /v1/chat/completions.
 
-A handler validates its body (kogpt.serve.protocol), `plan` turns it into one SeqSpec per prompt
-and choice (limits, context, PPLM steering, seeds), the Scheduler runs them, and `respond` answers
-with one JSON body or an SSE stream (`data: {...}` chunks, then `data: [DONE]`). A client that goes
-away cancels its job at once, freeing the batch rows. A full queue is a 429 straight away.
+FastAPI validates the body (kogpt.serve.protocol's models; app.py turns errors into OpenAI's body),
+`plan` turns it into one SeqSpec per prompt and choice (limits, context, PPLM steering, seeds), the
+Scheduler runs them, and `respond` answers with one JSON body or an SSE stream (`data: {...}` chunks,
+then `data: [DONE]`). `echo` with `logprobs` scores the prompt with kogpt eval's own scoring
+(evaluation/scoring.prompt_scores). A client that goes away cancels its job at once, freeing the
+batch rows. A full queue is a 429 straight away.
 
     app.include_router(completions.router)
 """
@@ -14,52 +16,120 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..errors import UserError
+from ..evaluation.scoring import prompt_scores
 from ..generation.steering import TOPICS
-from .protocol import APIError, ChatRequest, CompletionRequest, envelope, new_id, parse_body, request_schema, usage
-from .scheduler import Job, QueueFull, SeqSpec
+from .protocol import APIError, ChatRequest, CompletionRequest, envelope, new_id, usage
+from .scheduler import Job, Piece, QueueFull, SeqSpec
+from .schema import ChatCompletion, Completion, responses
 from .state import ServerState, server
 
 log = logging.getLogger("kogpt.serve")
 router = APIRouter()
 
 
-@router.post("/v1/completions", openapi_extra=request_schema(CompletionRequest))
-async def completions(request: Request):
+@router.post("/v1/completions", responses=responses(Completion, 400, 401, 413, 429, stream=True))
+async def completions(request: Request, body: CompletionRequest):
     s = server(request)
-    body = await parse_body(request, CompletionRequest)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts:
-        raise APIError(400, "prompt is an empty list", "prompt")
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo together with logprobs is not supported", "echo")
+    sent = prompt_list(body.prompt)
+    prompts = prompt_ids(s, sent)
     if body.best_of not in (None, body.n):
         raise APIError(400, "best_of other than n is not supported", "best_of")
     if body.suffix:
         raise APIError(400, "suffix (insertion) is not supported", "suffix")
     specs = plan(s, body, prompts, body.stops(), body.max_tokens, body.logprobs, "prompt")
-    job = submit(s, specs)
-    return await respond(s, request, body, job, specs, "text_completion",
-                         echo=[p for p in prompts for _ in range(body.n)] if body.echo else None)
+    echo = None
+    if body.echo:  # each choice starts with its prompt: the text as sent, or the ids decoded
+        echo = [Echo(p if isinstance(p, str) else s.gpt.tokenizer.decode(ids), ids) for p, ids in zip(sent, prompts)]
+        if body.logprobs is not None:
+            await score_echo(s, echo, body.logprobs)
+        echo = [e for e in echo for _ in range(body.n)]
+    job = Finished(specs) if body.max_tokens == 0 else submit(s, specs)
+    return await respond(s, request, body, job, specs, "text_completion", echo)
 
 
-@router.post("/v1/chat/completions", openapi_extra=request_schema(ChatRequest))
-async def chat_completions(request: Request):
+@router.post("/v1/chat/completions", responses=responses(ChatCompletion, 400, 401, 413, 429, stream=True))
+async def chat_completions(request: Request, body: ChatRequest):
     s = server(request)
-    body = await parse_body(request, ChatRequest)
     prompt, stops = s.template.render([{"role": m.role, "content": m.text()} for m in body.messages])
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    specs = plan(s, body, [prompt], stops + body.stops(), max_tokens, logprobs, "messages")
-    return await respond(s, request, body, submit(s, specs), specs, "chat.completion")
+    specs = plan(s, body, [s.gpt.encode_prompt(prompt)], stops + body.stops(), max_tokens, logprobs, "messages")
+    job = Finished(specs) if max_tokens == 0 else submit(s, specs)
+    return await respond(s, request, body, job, specs, "chat.completion")
+
+
+# -- prompts and echo -----------------------------------------------------------------------------
+def prompt_list(prompt: str | list) -> list[str | list[int]]:
+    """A completion request's prompts: one text or one list of ids stands alone, a list holds several."""
+    return [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+
+
+def prompt_ids(s: ServerState, prompts: list[str | list[int]]) -> list[list[int]]:
+    """The token ids of each prompt: texts encoded, token ids checked against the model's vocabulary."""
+    if not prompts:
+        raise APIError(400, "prompt is an empty list", "prompt")
+    vocab = s.gpt.model.config.vocab_size
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append(s.gpt.encode_prompt(p))
+            continue
+        if not p:
+            raise APIError(400, "prompt holds an empty list of token ids", "prompt")
+        bad = next((i for i in p if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"prompt holds token id {bad}, outside the model's vocabulary of {vocab} (0 to "
+                           f"{vocab - 1})", "prompt")
+        out.append(list(p))
+    return out
+
+
+@dataclass
+class Echo:
+    """The prompt part of a completion choice with echo: its text, ids and (with logprobs) their scores."""
+
+    text: str
+    ids: list[int]
+    logprobs: dict | None = None  # the legacy logprobs object of the prompt tokens
+
+
+async def score_echo(s: ServerState, echo: list[Echo], top_n: int) -> None:
+    """Score the prompts' tokens with kogpt eval's scoring (off the event loop); the first token has none."""
+    scores = await asyncio.to_thread(prompt_scores, s.gpt.model, [e.ids for e in echo], top_n)
+    for e, sc in zip(echo, scores):
+        e.logprobs = s.token_text.completion(e.ids, [None, *sc.logprobs], [None, *sc.top], 0, top_n)
+
+
+def join_logprobs(a: dict | None, b: dict | None) -> dict | None:
+    """The legacy logprobs of a prompt (`a`) followed by those of its continuation (`b`)."""
+    if a is None or b is None:
+        return a or b
+    top = None if a["top_logprobs"] is None else a["top_logprobs"] + b["top_logprobs"]
+    return {k: a[k] + b[k] for k in ("tokens", "token_logprobs", "text_offset")} | {"top_logprobs": top}
+
+
+class Finished:
+    """The job of a request with max_tokens 0: every choice ends at once, nothing generated."""
+
+    def __init__(self, specs: list[SeqSpec]):
+        self.n, self.prompt_tokens = len(specs), sum(len(spec.ids) for spec in specs)
+
+    def cancel(self) -> None:
+        pass
+
+    async def __aiter__(self):
+        for i in range(self.n):
+            yield Piece(i, "", finish="length")
 
 
 # -- request → sequences --------------------------------------------------------------------------
-def plan(s: ServerState, body, prompts: list[str], stops: list[str], max_tokens: int | None,
+def plan(s: ServerState, body, prompts: list[list[int]], stops: list[str], max_tokens: int | None,
          logprobs: int | None, prompt_param: str) -> list[SeqSpec]:
     """One SeqSpec per prompt and choice, or the APIError (400) naming the first option out of bounds."""
     gpt, ctx, limit = s.gpt, s.ctx, s.limit
@@ -87,8 +157,7 @@ def plan(s: ServerState, body, prompts: list[str], stops: list[str], max_tokens:
         raise APIError(400, "pplm options need bow (a topic name or a list of words)", "pplm")
     sampling, max_new, max_len = gpt.options(steering=body.bow is not None, **overrides)
     specs = []
-    for prompt in prompts:
-        ids = gpt.encode_prompt(prompt)
+    for ids in prompts:
         if len(ids) >= ctx:
             raise APIError(400, f"the prompt has {len(ids)} tokens; the model's context holds {ctx}",
                            prompt_param, "context_length_exceeded")
@@ -115,8 +184,8 @@ def submit(s: ServerState, specs: list[SeqSpec]) -> Job:
 
 
 # -- sequences → response -------------------------------------------------------------------------
-async def respond(s: ServerState, request: Request, body, job: Job, specs: list[SeqSpec], kind: str,
-                  echo: list[str] | None = None):
+async def respond(s: ServerState, request: Request, body, job: Job | Finished, specs: list[SeqSpec], kind: str,
+                  echo: list[Echo] | None = None):
     """The whole response as one JSON body, or (body.stream) the SSE stream of its pieces."""
     rid, created = new_id("cmpl" if kind == "text_completion" else "chatcmpl"), int(time.time())
     chat = kind == "chat.completion"
@@ -148,20 +217,25 @@ async def respond(s: ServerState, request: Request, body, job: Job, specs: list[
             choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                             "finish_reason": finish[i]})
         else:
-            lp = s.token_text.completion(tokens[i], lps[i], tops[i], 0, specs[i].logprobs) if want_lp else None
-            choices.append({"index": i, "text": (echo[i] if echo else "") + text, "logprobs": lp,
-                            "finish_reason": finish[i]})
+            prompt = echo[i].text if echo else ""
+            lp = s.token_text.completion(tokens[i], lps[i], tops[i], len(prompt), top_n) if want_lp else None
+            lp = join_logprobs(echo[i].logprobs, lp) if echo else lp
+            choices.append({"index": i, "text": prompt + text, "logprobs": lp, "finish_reason": finish[i]})
     out = envelope(kind, rid, s.model_id, choices, created)
     out["usage"] = usage(job.prompt_tokens, completion_tokens)
     return out
 
 
-async def sse(s: ServerState, job: Job, rid: str, created: int, chat: bool, echo, top_n: int | None,
-              include_usage: bool):
-    """The SSE chunks of a job; an engine failure mid-stream becomes an error chunk, as OpenAI does."""
+async def sse(s: ServerState, job: Job | Finished, rid: str, created: int, chat: bool, echo: list[Echo] | None,
+              top_n: int | None, include_usage: bool):
+    """The SSE chunks of a job; an engine failure mid-stream becomes an error chunk, as OpenAI does.
+
+    With echo, a choice's first chunk carries its prompt (and the prompt's logprobs) before its first
+    new text, as vLLM streams it; with max_tokens 0 that chunk holds the prompt alone.
+    """
     kind = "chat.completion.chunk" if chat else "text_completion"
     started: set[int] = set()
-    offsets = [len(e) for e in echo] if echo else [0] * job.n
+    offsets = [len(e.text) for e in echo] if echo else [0] * job.n
     completion_tokens = 0
 
     def chunk(choices: list[dict], **extra) -> bytes:
@@ -172,9 +246,6 @@ async def sse(s: ServerState, job: Job, rid: str, created: int, chat: bool, echo
         if chat:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(job.n)])
-        elif echo:
-            yield chunk([{"index": i, "text": e, "logprobs": None, "finish_reason": None}
-                         for i, e in enumerate(echo)])
         async for p in job:
             text = p.text
             if chat and p.index not in started:
@@ -182,7 +253,10 @@ async def sse(s: ServerState, job: Job, rid: str, created: int, chat: bool, echo
                 if text:
                     started.add(p.index)
             completion_tokens += p.completion_tokens
-            if not text and not p.finish:
+            prompt = echo[p.index] if echo and p.index not in started else None
+            if prompt:
+                started.add(p.index)
+            if not text and not p.finish and not prompt:
                 continue
             finish = None if p.finish == "cancelled" else p.finish
             if chat:
@@ -193,6 +267,8 @@ async def sse(s: ServerState, job: Job, rid: str, created: int, chat: bool, echo
                 if top_n is not None:
                     lp = s.token_text.completion(p.token_ids, p.logprobs, p.top, offsets[p.index], top_n)
                     offsets[p.index] += len(text)
+                if prompt:
+                    text, lp = prompt.text + text, join_logprobs(prompt.logprobs, lp)
                 choice = {"index": p.index, "text": text, "logprobs": lp}
             yield chunk([dict(choice, finish_reason=finish)])
         if include_usage:

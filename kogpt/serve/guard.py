@@ -1,7 +1,8 @@
 """The pure-ASGI middleware in front of every route: bearer-key check, body size limit, request counting.
 
 It runs before FastAPI parses anything, so a wrong key (401) or an oversized body (413) never reaches
-a handler, and every response is counted in kogpt_http_requests_total by route and status. Paths
+a handler; a body it lets through is declared JSON to FastAPI, as every body of this API is (curl -d
+sends a form type). Every response is counted in kogpt_http_requests_total by route and status. Paths
 outside the known routes count as "other", so a scanner cannot grow the metric without bound.
 
     app.add_middleware(Guard, metrics=metrics, api_key="s3cret", max_body=1 << 20)
@@ -53,6 +54,9 @@ class Guard:
                 err = APIError(413, f"the request body is larger than {self.max_body} bytes", code="body_too_large")
                 return await err.response()(scope, receive, counted)
             receive = _replay(body, receive)
+            # every body of this API is JSON, whatever the client declared (curl -d says form-urlencoded)
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
         await self.app(scope, receive, counted)
 
 

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
 from .protocol import APIError
+from .schema import Health, ModelCard, ModelList, errors, responses
 from .state import ServerState, server
 
 STATIC = Path(__file__).parent / "static"
@@ -26,7 +27,7 @@ async def index():
     return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
 
-@router.get("/health")
+@router.get("/health", responses=responses(Health, 503))
 async def health(request: Request):
     s = server(request)
     alive = s.scheduler.alive
@@ -35,18 +36,18 @@ async def health(request: Request):
     return JSONResponse(body, 200 if alive else 503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", response_class=PlainTextResponse, responses=errors(401))
 async def prometheus(request: Request):
     body, content_type = server(request).metrics.exposition(request.headers.get("accept"))
     return Response(body, media_type=content_type)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=responses(ModelList, 401))
 async def models(request: Request):
     return {"object": "list", "data": [model_card(server(request))]}
 
 
-@router.get("/v1/models/{name:path}")
+@router.get("/v1/models/{name:path}", responses=responses(ModelCard, 401, 404))
 async def model(name: str, request: Request):
     s = server(request)
     if name != s.model_id:

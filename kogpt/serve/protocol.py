@@ -10,20 +10,19 @@ Builders return plain dicts in the shapes of /v1/completions and /v1/chat/comple
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import uuid
 from typing import Literal
 
-from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..text.tokenizer import Tokenizer
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size")
 _BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_UNION_BRANCH = re.compile(r"str|int|list\[.*\]")  # pydantic names a union's branch in an error's loc
 
 
 class _Strict(BaseModel):
@@ -82,7 +81,8 @@ class _Common(_Strict):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    # text, texts, token ids or lists of token ids (ids checked against the vocabulary by the handler)
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
@@ -127,39 +127,15 @@ class APIError(Exception):
         return JSONResponse(self.body(), self.status, headers=headers)
 
 
-async def parse_body(request: Request, model: type[BaseModel]):
-    """The JSON body as `model` (whatever the Content-Type, as curl -d sends form type), else a 400."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise invalid_body(e.errors()) from None
-
-
 def invalid_body(errors: list[dict]) -> APIError:
-    """A 400 naming the first invalid field (pydantic error list)."""
+    """A 400 naming the first invalid field (FastAPI's / pydantic's error list)."""
     err = errors[0]
+    if err.get("type") == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}")
     loc = [str(p) for p in err.get("loc", ()) if p != "body" and not isinstance(p, int)]
-    loc = [p for p in loc if p not in ("str", "list[str]", "list[ContentPart]")]  # union branch names
+    loc = [p for p in loc if not _UNION_BRANCH.fullmatch(p)]
     where = ".".join(loc) or "body"
     return APIError(400, f"{where}: {err.get('msg')}", param=loc[0] if loc else None)
-
-
-def request_schema(model: type[BaseModel]) -> dict:
-    """OpenAPI requestBody for a route that parses its body itself ($defs inlined: none is recursive)."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node):
-        if isinstance(node, dict):
-            return inline(defs[node["$ref"].split("/")[-1]]) if "$ref" in node else {k: inline(v) for k, v in node.items()}
-        return [inline(v) for v in node] if isinstance(node, list) else node
-
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -197,15 +173,16 @@ class TokenText:
                 s = pair[len(self.prefix):]
         return s, s.encode("utf-8")
 
-    def completion(self, ids: list[int], lps: list[float], tops: list, offset: int, top_n: int) -> dict:
-        """The `logprobs` object of a completion choice (legacy format)."""
+    def completion(self, ids: list[int], lps: list[float | None], tops: list, offset: int, top_n: int) -> dict:
+        """The `logprobs` object of a completion choice (legacy format); None entries (an echoed prompt's
+        first token) stay null."""
         tokens = [self(i)[0] for i in ids]
         offsets = []
         for i, t in zip(ids, tokens):  # where each token's text starts (special tokens add none)
             offsets.append(offset)
             skipped = self.tok.decode([i], skip_special_tokens=True) == "" != self.tok.decode([i])
             offset += 0 if t.startswith("bytes:") or skipped else len(t)
-        top = [{self(t)[0]: lp for t, lp in alts} for alts in tops] if top_n else None
+        top = [None if alts is None else {self(t)[0]: lp for t, lp in alts} for alts in tops] if top_n else None
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
 
     def chat(self, ids: list[int], lps: list[float], tops: list) -> dict:

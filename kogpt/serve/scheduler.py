@@ -52,7 +52,7 @@ class SeqSpec:
 
 @dataclass
 class Piece:
-    """New text of one sequence of a job, with the ids (EOS excluded) generated since the last piece."""
+    """New text of one sequence of a job, with the ids (EOS included) generated since the last piece."""
 
     index: int
     text: str
@@ -113,11 +113,10 @@ class _Seq:
     def on_event(self, ev: Event) -> Piece | None:
         if ev.token >= 0:
             self.generated += 1
-            if not ev.is_eos:
-                self.pending.token_ids.append(ev.token)
-                if ev.logprob is not None:
-                    self.pending.logprobs.append(ev.logprob)
-                    self.pending.top.append(ev.top)
+            self.pending.token_ids.append(ev.token)  # EOS too: OpenAI's and vLLM's logprobs list it
+            if ev.logprob is not None:
+                self.pending.logprobs.append(ev.logprob)
+                self.pending.top.append(ev.top)
         if ev.finish:
             self.stream.finish()
         text = self.stream.ready(done=ev.finish is not None)

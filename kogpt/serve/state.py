@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from ..api import KoGPT
-from .chat import ChatTemplate
+from ..text.chat import ChatTemplate
 from .protocol import TokenText
 from .scheduler import Scheduler
 from .telemetry import Metrics

@@ -66,6 +66,13 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables")
     weights: dict = option(None, "mixing weight per source, overriding prepare's (TOML table; flag NAME=W)",
                            flag="--weight", metavar="NAME=W")
+    # LoRA: adapters on a frozen bf16 base instead of training every weight
+    lora_r: int = option(0, "LoRA rank: train low-rank adapters on the frozen base model (held in bf16) and write "
+                            "a PEFT adapter folder instead of a model; 0: train every weight")
+    lora_alpha: float = option(16.0, "LoRA alpha: the adapters' update is scaled by alpha / r")
+    lora_dropout: float = option(0.0, "share of the adapters' inputs dropped while training")
+    lora_targets: str = option("", "linears that get adapters: attn, mlp, or names (qkv, proj, fc, attn.proj, ...; "
+                                   "q, k, v for GPT-J); default: every attention and MLP projection")
     # validation, logging, checkpoints
     eval_every: int = option(200, "validate (loss, perplexity, bits per byte, a sample) every N steps; 0: at the end "
                                   "only")
@@ -101,8 +108,9 @@ RANGES = {
     **dict.fromkeys(("batch_size", "grad_accum", "seq_len", "max_steps", "eval_batches", "keep_last", "log_every"),
                     COUNT),
     **dict.fromkeys(("n_layer", "n_embd", "n_head", "warmup_steps", "eval_every", "save_every", "sample_tokens",
-                     "weight_decay", "grad_clip", "peak_flops"), NON_NEGATIVE),
-    **dict.fromkeys(("dropout", "beta1", "beta2"), FRACTION),
+                     "weight_decay", "grad_clip", "peak_flops", "lora_r"), NON_NEGATIVE),
+    **dict.fromkeys(("dropout", "beta1", "beta2", "lora_dropout"), FRACTION),
+    "lora_alpha": (lambda x: x > 0, "> 0"),
     "lr": (lambda x: x > 0, "> 0"), "min_lr": (lambda x: True, "a number (< 0: lr / 10)"),
     "seed": (lambda x: 0 <= x < 1 << 64, "in [0, 2**64)"),
 }
@@ -179,5 +187,11 @@ def check_config(cfg: TrainConfig, flags: bool = False) -> None:
     if cfg.dtype not in TRAIN:
         raise UserError(f"{flag_name('dtype') if flags else 'dtype'} must be one of {', '.join(TRAIN)}, got "
                         f"{cfg.dtype!r}")
+    if cfg.lora_r:
+        from ..core.lora import LoRAConfig
+
+        LoRAConfig.parse(cfg.lora_targets)  # a bad --lora-targets fails before any work
+        if cfg.fsdp:
+            raise UserError("--lora-r trains with DDP, not --fsdp (the frozen base is small enough to hold on every rank)")
     check_device(cfg.device)
     check_output_dir(cfg.out, "--out")

@@ -29,6 +29,7 @@ from ..evaluation.classify import frame, outputs, pad_id_for, pad_rows, to_predi
 from ..hf.folder import CheckpointError, is_classifier, load_config, load_dropout, read_head
 from ..hf.hub import resolve
 from ..hf.load import load
+from ..hf.peft import write_adapter
 from ..hf.save import write_model
 from ..core.config import GPTConfig
 from ..errors import UserError
@@ -37,6 +38,7 @@ from ..evaluation.tasks import Example, Prediction, Task, get_task
 from ..evaluation.tasks.base import split_examples
 from .loop import TrainResult, check_run_folder, train
 from .config import COUNT, FRACTION, NON_NEGATIVE, TrainConfig, check_config, check_ranges, option
+from .lora import load_lora_base
 
 SPLIT_SEED = 0  # the validation split is the same whatever --seed is, so runs compare on the same examples
 PROBE = 2000  # training examples scored at each validation (at most as many as the validation split)
@@ -135,7 +137,14 @@ class ClassifierObjective:
         when its labels are this task's) with a new head; pad_token_id set for the framing."""
         self.cfg, self.env = cfg, env
         n = len(self.head.labels)
-        if resumed is not None:
+        if cfg.lora_r:  # a frozen bf16 base (also when resuming: the checkpoint then sets adapters and head)
+            base = load_lora_base(self.folder, cfg, env.device)
+            if isinstance(base, Classifier) and read_head(self.folder)[0].labels == self.head.labels:
+                model = base
+                model.score.float().requires_grad_(True)  # the head trains, in fp32
+            else:
+                model = Classifier(base.gpt if isinstance(base, Classifier) else base, n)
+        elif resumed is not None:
             model = Classifier(GPT(GPTConfig(**resumed["model_config"])), n)
         elif is_classifier(self.folder):
             clf = load(self.folder, Layout(torch.float32))
@@ -216,8 +225,12 @@ class ClassifierObjective:
 
     def save(self, state_dict: dict, folder: Path, step: int, metrics: dict) -> None:
         """The classifier folder (HF format) with the tokenizer; config.json names the step and its val metrics."""
-        write_model(state_dict, self.model.config, folder, self.head, best_step=step,
-                    val_metrics={k: v for k, v in metrics.items() if k.startswith("val_")})
+        if self.cfg.lora_r:  # the PEFT adapter folder: LoRA layers and the head (modules_to_save)
+            write_adapter(self.model, folder, str(self.folder), self.head, best_step=step, pad_token_id=self.pad,
+                          val_metrics={k: v for k, v in metrics.items() if k.startswith("val_")})
+        else:
+            write_model(state_dict, self.model.config, folder, self.head, best_step=step,
+                        val_metrics={k: v for k, v in metrics.items() if k.startswith("val_")})
         self.tok.save(folder)
 
 

@@ -19,6 +19,7 @@ from ..core.layout import Layout
 from ..hf.folder import load_config, require_language_model
 from ..hf.hub import resolve
 from ..hf.load import load
+from ..hf.peft import write_adapter
 from ..hf.save import write_model
 from ..core.config import GPTConfig
 from ..data.tokens import TOKENIZER_DIR, BatchSampler, DataError
@@ -26,6 +27,7 @@ from ..errors import UserError
 from .loss import LMLoss
 from ..core.model import GPT
 from .config import TrainConfig
+from .lora import load_lora_base
 
 
 class LMObjective:
@@ -52,7 +54,9 @@ class LMObjective:
         """The model to train: the checkpoint's shape, --init-from's weights, or a preset."""
         self.cfg, self.env = cfg, env
         mcfg = _model_config(self.cfg, self.tok, resumed)
-        if self.cfg.init_from and resumed is None:
+        if cfg.lora_r:  # the frozen base again when resuming too: the checkpoint then sets the adapters
+            self.model = load_lora_base(resolve(cfg.init_from), cfg, env.device)
+        elif self.cfg.init_from and resumed is None:
             self.model = load(resolve(self.cfg.init_from), Layout(torch.float32), self.env.device)
         else:
             with self.env.device:
@@ -114,8 +118,12 @@ class LMObjective:
         return {}
 
     def save(self, state_dict: dict, folder: Path, step: int, metrics: dict) -> None:
-        """The HF-format LM folder (config.json, model.safetensors) plus the tokenizer files (rank 0)."""
-        write_model(state_dict, self.model.config, folder)
+        """The HF-format LM folder (config.json, model.safetensors), or with --lora-r the PEFT adapter folder,
+        plus the tokenizer files (rank 0)."""
+        if self.cfg.lora_r:
+            write_adapter(self.model, folder, base=self.cfg.init_from)
+        else:
+            write_model(state_dict, self.model.config, folder)
         self.tok.save(folder)
 
 
@@ -134,7 +142,9 @@ def _model_config(cfg: TrainConfig, tok, resumed: dict | None) -> GPTConfig:
         mcfg = GPTConfig(**resumed["model_config"])
         if any(getattr(mcfg, k) != v for k, v in shape.items()):
             raise UserError(f"the checkpoint's model has another shape than {shape}")
-    elif cfg.init_from:
+    elif cfg.init_from or cfg.lora_r:
+        if not cfg.init_from:
+            raise UserError("--lora-r trains adapters on a trained model: pass it with --init-from")
         if shape:
             raise UserError(f"{', '.join(shape)} shape a new model from a preset; --init-from keeps the model's shape")
         folder = resolve(cfg.init_from)

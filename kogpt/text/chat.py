@@ -1,11 +1,14 @@
-"""Chat messages → one prompt string, for base models that ship no chat template (KoGPT2, KoGPT).
+"""Chat messages → text and token ids, for base models that ship no chat template (KoGPT2, KoGPT).
 
-The default template is a plain Korean dialogue transcript ("사용자:" / "어시스턴트:" turns after a
-short system line), ending with "어시스턴트:" for the model to continue, and stop strings that end
-the reply when the model starts the next turn. A JSON file can replace any field (--chat-template);
-the only placeholder is `{content}`, substituted once with str.replace: no code runs from the file.
+The one chat template: `kogpt serve` renders a request's prompt with it and `kogpt sft` the training
+conversations, so a tuned model sees at serving time the text it was trained on. The default is a
+plain Korean dialogue transcript ("사용자:" / "어시스턴트:" turns after a short system line), ending
+with "어시스턴트:" for the model to continue, and stop strings that end the reply when the model starts
+the next turn. A JSON file can replace any field (--chat-template); the only placeholder is
+`{content}`, substituted once with str.replace: no code runs from the file.
 
     prompt, stops = ChatTemplate.default().render([{"role": "user", "content": "안녕?"}])
+    ids, mask = ChatTemplate.default().encode(messages, tokenizer)  # mask: the ids the model writes
 """
 
 from __future__ import annotations
@@ -61,17 +64,46 @@ class ChatTemplate:
                 raise UserError(f"chat template {path}: '{key}' must contain {{content}} exactly once")
         return t
 
-    def render(self, messages: Sequence[dict]) -> tuple[str, list[str]]:
-        """(prompt, stop strings) for messages [{"role": "system"|"user"|"assistant", "content": str}]."""
+    def pieces(self, messages: Sequence[dict]) -> list[tuple[str, bool]]:
+        """The conversation's text in pieces, each flagged True where the model writes it: an assistant
+        turn after the `generation` text it is prompted with (its content and the turn's end)."""
         turns = {"system": self.system_turn, "user": self.user_turn, "assistant": self.assistant_turn}
         parts = []
         if self.system and not any(m["role"] == "system" for m in messages):
-            parts.append(self.system_turn.replace("{content}", self.system))
+            parts.append((self.system_turn.replace("{content}", self.system), False))
         for m in messages:
             if m["role"] not in turns:
                 raise UserError(f"unknown chat role {m['role']!r}; use system, user or assistant")
-            parts.append(turns[m["role"]].replace("{content}", m["content"]))
-        return "".join(parts) + self.generation, list(self.stop)
+            text = turns[m["role"]].replace("{content}", m["content"])
+            if m["role"] == "assistant":
+                head = self.assistant_turn.split("{content}")[0]  # the turn's text before the reply
+                cut = len(self.generation) if text.startswith(self.generation) else len(head)
+                parts += [(text[:cut], False), (text[cut:], True)]
+            else:
+                parts.append((text, False))
+        return parts
+
+    def render(self, messages: Sequence[dict]) -> tuple[str, list[str]]:
+        """(prompt, stop strings) for messages [{"role": "system"|"user"|"assistant", "content": str}]."""
+        return "".join(text for text, _ in self.pieces(messages)) + self.generation, list(self.stop)
+
+    def encode(self, messages: Sequence[dict], tokenizer) -> tuple[list[int], list[bool]]:
+        """Token ids of the whole conversation (no generation prompt) and, per id, whether the model writes
+        it. The text is tokenized whole, as `render`'s prompt is at serving time; a token belongs to the
+        model when it overlaps an assistant piece. A conversation ending in an assistant turn ends with
+        EOS, the model's to write, so a tuned model stops after its reply."""
+        spans, text = [], ""
+        for piece, written in self.pieces(messages):
+            if written:
+                spans.append((len(text), len(text) + len(piece)))
+            text += piece
+        enc = tokenizer.tokenizer.encode(text, add_special_tokens=False)  # offsets: characters of `text`
+        ids = list(enc.ids)
+        mask = [any(s < b and e > a for a, b in spans) for s, e in enc.offsets]
+        if messages and messages[-1]["role"] == "assistant" and tokenizer.eos_id is not None:
+            ids.append(tokenizer.eos_id)
+            mask.append(True)
+        return ids, mask
 
     def describe(self) -> dict:
         """The template as JSON-ready data (shown by GET /v1/models)."""
