@@ -47,3 +47,29 @@ def add_config_flags(p: argparse.ArgumentParser, groups: Mapping[str, str], fiel
 def given(args: argparse.Namespace, fields: Mapping[str, Field]) -> dict:
     """The settings of `fields` given as flags, by field name."""
     return {k: v for k, v in vars(args).items() if k in fields}
+
+
+def add_composed_flags(p: argparse.ArgumentParser, groups: Mapping[str, str], own: Mapping[str, Field], config,
+                       loop_help: Mapping[str, str], epilog: str) -> None:
+    """The flags of a settings dataclass that holds the training loop's TrainConfig as `config.loop`
+    (FinetuneConfig, SFTConfig): its own fields and the loop's, a name in both being its own; the
+    defaults are `config`'s (a command's recipe), --model's the bundled model; and --debug."""
+    from .common import default_model
+
+    p.epilog, p.formatter_class = epilog, argparse.RawDescriptionHelpFormatter
+    defaults = {**vars(config.loop), **vars(config), "model": default_model() or ""}
+    add_config_flags(p, groups, _composed(own), defaults, loop_help)
+    p.add_argument("-d", "--debug", action="store_true", help="show full tracebacks")
+
+
+def composed_settings(args: argparse.Namespace, own: Mapping[str, Field]) -> dict:
+    """The flat settings of a composed command (see add_composed_flags), --model defaulting to the bundled model."""
+    from .common import default_model
+
+    return {"model": default_model() or "", **given(args, _composed(own))}
+
+
+def _composed(own: Mapping[str, Field]) -> dict:
+    from ..training.config import FIELDS as LOOP
+
+    return {**LOOP, **own}

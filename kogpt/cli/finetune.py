@@ -30,29 +30,16 @@ GROUPS = {
 }
 
 
-def _fields() -> dict:
-    from ..training.config import FIELDS as LOOP
-    from ..training.finetune import FIELDS
-
-    return {**LOOP, **FIELDS}  # a name in both (max_steps, dropout, eval_every, save_every) is finetuning's own
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..training.finetune import LOOP_HELP, FinetuneConfig
-    from .common import default_model
-    from .config_flags import add_config_flags
+    from ..training.finetune import FIELDS, LOOP_HELP, FinetuneConfig
+    from .config_flags import add_composed_flags
 
-    p.epilog, p.formatter_class = EPILOG, argparse.RawDescriptionHelpFormatter
-    fc = FinetuneConfig()
-    add_config_flags(p, GROUPS, _fields(), {**vars(fc.loop), **vars(fc), "model": default_model() or ""}, LOOP_HELP)
-    p.add_argument("-d", "--debug", action="store_true", help="show full tracebacks")
+    add_composed_flags(p, GROUPS, FIELDS, FinetuneConfig(), LOOP_HELP, EPILOG)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training.finetune import FinetuneConfig, finetune
-    from .common import default_model
-    from .config_flags import given
+    from ..training.finetune import FIELDS, FinetuneConfig, finetune
+    from .config_flags import composed_settings
 
-    settings = {"model": default_model() or "", **given(args, _fields())}
-    result = finetune(FinetuneConfig.from_settings(**settings))
+    result = finetune(FinetuneConfig.from_settings(**composed_settings(args, FIELDS)))
     return 128 + result.signal if result.signal else 0

@@ -30,22 +30,11 @@ GROUPS = {
 }
 
 
-def _fields() -> dict:
-    from ..training.config import FIELDS as LOOP
-    from ..training.sft import FIELDS
-
-    return {**LOOP, **FIELDS}  # a name in both (max_steps, dropout, eval_every, save_every) is sft's own
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..training.sft import LOOP_HELP, SFTConfig
-    from .common import default_model
-    from .config_flags import add_config_flags
+    from ..training.sft import FIELDS, LOOP_HELP, SFTConfig
+    from .config_flags import add_composed_flags
 
-    p.epilog, p.formatter_class = EPILOG, argparse.RawDescriptionHelpFormatter
-    sc = SFTConfig()
-    add_config_flags(p, GROUPS, _fields(), {**vars(sc.loop), **vars(sc), "model": default_model() or ""}, LOOP_HELP)
-    p.add_argument("-d", "--debug", action="store_true", help="show full tracebacks")
+    add_composed_flags(p, GROUPS, FIELDS, SFTConfig(), LOOP_HELP, EPILOG)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,10 +44,8 @@ def run(args: argparse.Namespace) -> int:
     # (1,024 by default): measured on kogpt-mini, RSS grew from 0.5 to 1.7 GB in 80 steps; 16 holds it at 1.05 GB,
     # at the same speed. Read when the first matmul runs.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
-    from ..training.sft import SFTConfig, sft
-    from .common import default_model
-    from .config_flags import given
+    from ..training.sft import FIELDS, SFTConfig, sft
+    from .config_flags import composed_settings
 
-    settings = {"model": default_model() or "", **given(args, _fields())}
-    result = sft(SFTConfig.from_settings(**settings))
+    result = sft(SFTConfig.from_settings(**composed_settings(args, FIELDS)))
     return 128 + result.signal if result.signal else 0
