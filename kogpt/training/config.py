@@ -195,3 +195,14 @@ def check_config(cfg: TrainConfig, flags: bool = False) -> None:
             raise UserError("--lora-r trains with DDP, not --fsdp (the frozen base is small enough to hold on every rank)")
     check_device(cfg.device)
     check_output_dir(cfg.out, "--out")
+
+
+def scheduled(loop: TrainConfig, run, rows: int, init_from: str, dropout: float) -> TrainConfig:
+    """The loop settings of a run scheduled in epochs over `rows` examples (finetune and sft: `run` has
+    epochs, max_steps, warmup, eval_every, save_every): steps from the epochs unless max_steps is given,
+    warmup as a share of them, ten validations unless eval_every is given, a checkpoint at each."""
+    steps = run.max_steps or math.ceil(run.epochs * rows / (loop.batch_size * loop.grad_accum))
+    eval_every = run.eval_every or math.ceil(steps / 10)
+    return dataclasses.replace(loop, init_from=init_from, max_steps=steps, warmup_steps=round(run.warmup * steps),
+                               dropout=dropout, eval_every=eval_every,
+                               save_every=run.save_every or eval_every)

@@ -37,7 +37,7 @@ from ..core.model import GPT
 from ..evaluation.tasks import Example, Prediction, Task, get_task
 from ..evaluation.tasks.base import split_examples
 from .loop import TrainResult, check_run_folder, train
-from .config import COUNT, FRACTION, NON_NEGATIVE, TrainConfig, check_config, check_ranges, option
+from .config import COUNT, FRACTION, NON_NEGATIVE, TrainConfig, check_config, check_ranges, option, scheduled
 from .lora import load_lora_base
 
 SPLIT_SEED = 0  # the validation split is the same whatever --seed is, so runs compare on the same examples
@@ -273,10 +273,5 @@ def finetune(fc: FinetuneConfig) -> TrainResult:
     loop = fc.loop
     objective = ClassifierObjective(task, resolve(fc.model, fc.revision or None), train_ex, val_ex,
                                     seq_len=loop.seq_len, seed=loop.seed, eval_batch_size=fc.eval_batch_size)
-    steps = fc.max_steps or math.ceil(fc.epochs * len(objective.rows) / (loop.batch_size * loop.grad_accum))
-    eval_every = fc.eval_every or math.ceil(steps / 10)
     dropout = fc.dropout if fc.dropout >= 0 else load_dropout(objective.folder)  # transformers' rule: the config's
-    loop = dataclasses.replace(loop, init_from=str(objective.folder), max_steps=steps,
-                               warmup_steps=round(fc.warmup * steps), dropout=dropout, eval_every=eval_every,
-                               save_every=fc.save_every or eval_every)
-    return train(loop, objective)
+    return train(scheduled(loop, fc, len(objective.rows), str(objective.folder), dropout), objective)

@@ -40,7 +40,7 @@ from ..hf.hub import resolve
 from ..hf.load import load
 from ..hf.save import write_model
 from ..text.chat import ChatTemplate
-from .config import COUNT, FRACTION, NON_NEGATIVE, TrainConfig, check_config, check_ranges, option
+from .config import COUNT, FRACTION, NON_NEGATIVE, TrainConfig, check_config, check_ranges, option, scheduled
 from .loop import TrainResult, check_run_folder, train
 from .loss import linear_cross_entropy
 
@@ -358,11 +358,7 @@ def sft(sc: SFTConfig) -> TrainResult:
         val_ex, train_ex = [train_ex[i] for i in sorted(perm[:n_val])], [train_ex[i] for i in sorted(perm[n_val:])]
     if bad:
         _say(f"skipped {len(bad)} bad row(s) (--skip-bad-rows); the first: {bad[0]}")
-    loop = sc.loop
-    steps = sc.max_steps or math.ceil(sc.epochs * len(train_ex) / (loop.batch_size * loop.grad_accum))
-    eval_every = sc.eval_every or math.ceil(steps / 10)
     dropout = sc.dropout if sc.dropout >= 0 else load_dropout(folder)  # transformers' rule: the config's
-    loop = dataclasses.replace(loop, init_from=str(folder), max_steps=steps, warmup_steps=round(sc.warmup * steps),
-                               dropout=dropout, eval_every=eval_every, save_every=sc.save_every or eval_every)
+    loop = scheduled(sc.loop, sc, len(train_ex), str(folder), dropout)
     objective = SFTObjective(folder, tok, template, train_ex, val_ex, loop.seed, {"skipped_rows": len(bad)})
     return train(loop, objective)
