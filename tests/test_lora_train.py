@@ -1,5 +1,6 @@
-"""LoRA training runs (--lora-r): `kogpt train --init-from` and `kogpt finetune` train adapters (and a head) on a
-frozen bf16 base, write a PEFT adapter folder that peft loads with kogpt's logits, and resume exactly."""
+"""Memory-lean training. LoRA runs (--lora-r): `kogpt train --init-from` and `kogpt finetune` train adapters (and a
+head) on a frozen bf16 base, checkpoint only what trains, write a PEFT adapter folder that peft loads with kogpt's
+logits, and resume exactly. Gradient checkpointing and the frozen head's skipped gradient change no gradient."""
 
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ import pytest
 import torch
 
 from conftest import make_hf_model, shared_path
+from kogpt.core.config import GPTConfig
 from kogpt.core.layout import Layout
+from kogpt.core.model import GPT
 from kogpt.errors import UserError
 from kogpt.hf.load import load
 from kogpt.cli import main
 from kogpt.hf.folder import read_head
 from kogpt.hf.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_head
 from kogpt.text.tokenizer import Tokenizer
+from kogpt.training.config import TrainConfig
 from kogpt.training.finetune import FinetuneConfig, finetune
+from kogpt.training.lora import load_lora_base
+from kogpt.training.loss import LMLoss, linear_cross_entropy
 from kogpt.training.loop import train
 from kogpt.training.state import checkpoints, load_latest
 from test_data import corpus, data_dir, make_tokenizer, tok_dir  # noqa: F401  (session fixtures: a prepared corpus)
@@ -61,12 +67,10 @@ def test_lora_run_trains_only_the_adapters_and_writes_a_peft_folder(lora_run):
     log = losses(run)
     assert log[6] < log[1]  # it learns
     state = load_latest(run / "checkpoints")
-    frozen = load(base, Layout(torch.bfloat16)).state_dict()
     adapters = [k for k in state["model"] if k.endswith((".lora_A", ".lora_B"))]
     assert len(adapters) == 2 * 4 * 2  # A and B of 4 linears in 2 layers
+    assert sorted(state["model"]) == sorted(adapters)  # the frozen base is --init-from's, not checkpointed
     assert len(state["optimizer"]["state"]) == len(adapters)  # only the adapters are in the optimizer
-    for k, v in frozen.items():  # the base stays as it was loaded, in bf16
-        assert state["model"][k].dtype == torch.bfloat16 and torch.equal(state["model"][k], v), k
     assert all(state["model"][k].dtype == torch.float32 for k in adapters)
     with torch.no_grad():
         ours = load(base, FP32, adapter=run / "model")(IDS)
@@ -153,3 +157,65 @@ def test_lora_finetune_writes_a_seq_cls_adapter(tmp_path):
         assert max_diff(load(tmp_path / "m", FP32)(ids), ours) < 1e-4
     assert main(["eval", "--model", str(tmp_path / "m"), "--task", "nsmc", "--data", str(tmp_path / "nsmc.tsv"),
                  "--limit", "20"]) == 0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj"])
+def test_the_lora_base_is_frozen_bf16_and_only_adapters_train(family, tmp_path):
+    make_hf_model(family).save_pretrained(tmp_path)
+    model = load_lora_base(tmp_path, TrainConfig(lora_r=4, lora_targets="attn"), "cpu")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(n.endswith((".lora_A", ".lora_B")) for n in trained)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in trained)
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in trained and p.dim() == 2)
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-gptj"])
+def test_gradient_checkpointing_changes_no_gradient(preset):
+    """Recomputed blocks give the same loss and gradients, dropout masks included (the RNG is replayed)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset(preset))
+    model.set_dropout(0.1)
+    model.train()
+    batch = torch.randint(0, model.config.vocab_size, (2, 17))
+    runs = []
+    for recompute in (False, True):
+        model.grad_checkpoint = recompute
+        model.zero_grad()
+        torch.manual_seed(1)
+        loss = LMLoss(model)(batch)
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (a, ga), (b, gb) = runs
+    assert torch.equal(a, b) and ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=1e-6, msg=n)
+
+
+def test_grad_checkpoint_flag_reaches_the_model_and_trains_alike(data_dir, tmp_path, monkeypatch):  # noqa: F811
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr("kogpt.core.model.checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(max_steps=3, sample_tokens=0, dtype="float32")
+    train(small_config(data_dir, tmp_path / "plain", **kw))
+    assert not calls
+    train(small_config(data_dir, tmp_path / "recomputed", grad_checkpoint=True, **kw))
+    assert len(calls) == 3 * 2 * 4  # 4 blocks per forward, 2 micro-batches per step, 3 steps
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "recomputed")
+    assert [b[s] for s in (1, 2, 3)] == pytest.approx([a[s] for s in (1, 2, 3)], rel=1e-5)
+
+
+def test_a_frozen_head_gets_no_weight_gradient_and_the_same_input_gradient():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=True)
+    h = torch.randn(12, 16)
+    targets = torch.randint(0, 50, (12,))
+    grads = []
+    for frozen in (False, True):
+        head.requires_grad_(not frozen)
+        head.zero_grad()
+        x = h.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            linear_cross_entropy(x, head, targets).backward()
+        grads.append(x.grad)
+        assert (head.weight.grad is None) == frozen and (head.bias.grad is None) == frozen
+    assert torch.equal(grads[0], grads[1])

@@ -1,6 +1,7 @@
 """Instruction (chat) tuning: the chat template's token mask, the answer loss equals transformers' (labels
 -100) and gives masked tokens no gradient, bad rows with file:line, a CLI run that lowers the validation
-answer loss and exports a model `kogpt generate` runs, exact resume after SIGKILL, torchrun."""
+answer loss and exports a model `kogpt generate` runs, exact resume after SIGKILL, torchrun, and LoRA (--lora-r)
+runs that write a PEFT adapter and resume exactly."""
 
 from __future__ import annotations
 
@@ -300,3 +301,43 @@ def test_torchrun_two_processes_match_one(lm_dir, chat_file, tmp_path):
     assert sorted(b) == [1, 2, 3] and [b[s] for s in b] == pytest.approx([a[s] for s in b], rel=1e-5)
     val = [json.loads((tmp_path / d / "log.jsonl").read_text().splitlines()[-1])["val_loss"] for d in ("one", "two")]
     assert val[1] == pytest.approx(val[0], rel=1e-5)
+
+
+def test_lora_sft_writes_a_peft_adapter_and_resumes_exactly(lm_dir, chat_file, tmp_path):
+    """--lora-r: only the adapters train and are checkpointed; the adapter folder is what peft loads; a run
+    resumed from its step-4 checkpoint ends with the uninterrupted run's losses and adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kogpt.core.layout import Layout
+    from kogpt.training.sft import SFTConfig, sft
+
+    kw = dict(SMALL, model=str(lm_dir), train=str(chat_file), max_steps=8, eval_every=4, save_every=4, keep_last=5,
+              lr=1e-2, sample_tokens=0, lora_r=4, lora_alpha=8.0, grad_checkpoint=True)
+    run = tmp_path / "run"
+    sft(SFTConfig.from_settings(out=str(run), **kw))
+    names = {p.name for p in (run / "model").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
+    assert "model.safetensors" not in names
+    state = torch.load(checkpoints(run / "checkpoints")[-1], weights_only=True)
+    assert state["model"] and all(k.endswith((".lora_A", ".lora_B")) for k in state["model"])
+    vals = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines() if "val_loss" in ln]
+    info = json.loads((run / "config.json").read_text())["sft"]
+    assert vals[-1]["val_loss"] < info["base_val_loss"]  # the adapter learned something
+    ids = torch.tensor([[5, 17, 300, 42, 9, 77]])
+    with torch.no_grad():
+        ours = load(lm_dir, Layout(torch.float32), adapter=run / "model")(ids)
+        hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lm_dir), run / "model").eval()
+        assert (ours - hf(ids).logits).abs().max() < 1e-4
+        assert (ours - load(lm_dir, Layout(torch.float32))(ids)).abs().max() > 1e-3
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    step4 = checkpoints(run / "checkpoints")[0]
+    assert step4.name == "step-00000004.pt"
+    (resumed / "checkpoints" / step4.name).write_bytes(step4.read_bytes())
+    (resumed / "log.jsonl").write_text((run / "log.jsonl").read_text())
+    sft(SFTConfig.from_settings(out=str(resumed), resume=True, **kw))
+    a, b = losses(run), losses(resumed)
+    assert [b[s] for s in range(5, 9)] == [a[s] for s in range(5, 9)]
+    assert (resumed / "model" / "adapter_model.safetensors").read_bytes() == (
+        run / "model" / "adapter_model.safetensors").read_bytes()

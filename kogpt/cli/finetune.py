@@ -26,7 +26,7 @@ GROUPS = {
         "epochs max_steps batch_size grad_accum seq_len lr warmup weight_decay dropout",
     "validation, logging and checkpoints": "eval_every eval_batch_size save_every keep_last log_every resume overwrite",
     "LoRA: adapters on a frozen bf16 base, plus the head": "lora_r lora_alpha lora_dropout lora_targets",
-    "runtime": "seed dtype device fsdp progress",
+    "runtime": "seed dtype device fsdp grad_checkpoint progress",
 }
 
 

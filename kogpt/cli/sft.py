@@ -26,7 +26,9 @@ GROUPS = {
     "batch and schedule": "epochs max_steps batch_size grad_accum seq_len lr min_lr warmup weight_decay dropout",
     "validation, logging and checkpoints": "eval_every sample_prompt sample_tokens save_every keep_last log_every "
                                            "resume overwrite",
-    "runtime": "seed dtype device compile fsdp peak_flops progress",
+    "LoRA: adapters on a frozen bf16 base (a PEFT adapter folder instead of a model)":
+        "lora_r lora_alpha lora_dropout lora_targets",
+    "runtime": "seed dtype device compile fsdp grad_checkpoint peak_flops progress",
 }
 
 

@@ -28,7 +28,7 @@ GROUPS = {
     "validation, logging and checkpoints": "eval_every eval_batches sample_prompt sample_tokens log_every save_every "
                                            "keep_last",
     "LoRA (with --init-from): adapters on a frozen bf16 base": "lora_r lora_alpha lora_dropout lora_targets",
-    "runtime": "seed dtype device compile fsdp peak_flops progress",
+    "runtime": "seed dtype device compile fsdp grad_checkpoint peak_flops progress",
 }
 
 

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import GPTConfig
 from .kv_cache import Cache
@@ -106,6 +107,7 @@ class GPT(nn.Module):
         self.tie_weights()
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.dropout = 0.0
+        self.grad_checkpoint = False  # training: recompute each block's activations in backward
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith("proj.weight"):
@@ -158,8 +160,12 @@ class GPT(nn.Module):
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout)
         rope = self.rope(pos)
+        recompute = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for block in self.h:
-            x = block(x, rope, mask, causal, cache)
+            if recompute:  # keep only each block's input; its activations are recomputed in backward
+                x = checkpoint(block, x, rope, mask, causal, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, causal, cache)
         if cache is not None:
             cache.advance()
         return self.ln_f(x)

@@ -87,6 +87,8 @@ class TrainConfig:
     dtype: str = option("bfloat16", "autocast dtype of matmuls: bfloat16 or float32 (weights stay float32)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     compile: bool = option(False, "torch.compile the model (slow first step, faster after)")
+    grad_checkpoint: bool = option(False, "gradient checkpointing: keep only each block's input and recompute its "
+                                          "activations in backward (less memory for about a third more compute)")
     fsdp: bool = option(False, "under torchrun, shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
     peak_flops: float = option(0.0, "peak FLOP/s of one process for MFU; 0 measures a matmul once at start")
     progress: bool = option(True, "show a progress bar")

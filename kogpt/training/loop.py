@@ -33,7 +33,7 @@ from ..core.dtypes import torch_dtype
 from ..data.tokens import read_meta
 from ..errors import UserError
 from ..fileio import write_json
-from ..core.model import Block
+from ..core.model import GPT, Block
 from .optim import flops_per_token, lr_at, make_optimizer, measure_peak_flops, set_lr
 from .pretrain import LMObjective
 from .run_log import LOG_FILE, PLOT_FILE, RunLog
@@ -225,6 +225,8 @@ def _train(cfg: TrainConfig, env: Env, objective: Objective | None) -> TrainResu
 
     torch.manual_seed(cfg.seed)  # the same init on every rank
     model = objective.start(cfg, env, resumed)
+    for gpt in (m for m in model.modules() if isinstance(m, GPT)):
+        gpt.grad_checkpoint = cfg.grad_checkpoint
     mcfg = model.config
     model.train()
     net, fwd = _wrap(model, objective, cfg, env)

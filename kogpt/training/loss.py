@@ -4,7 +4,8 @@ Plain autocast training casts the (B·T, V) bf16 logits to fp32 for log_softmax 
 again in backward: on CPU those passes over B·T·V floats cost about as much as the model's own
 matmuls. Here the forward computes, in row chunks that stay in cache, each row's loss and its
 logit gradient (softmax − one-hot, one exp per logit), and the two gradient matmuls right away;
-backward only scales them. Precision is autocast's: bf16 logits and logit gradients, fp32
+backward only scales them. A frozen head (LoRA) gets no weight gradient, which saves the second
+matmul. Precision is autocast's: bf16 logits and logit gradients, fp32
 softmax. (Liger-Kernel's fused linear cross-entropy does the same on GPU.)
 
     loss = LMLoss(model)(batch)  # batch (B, T+1) → mean next-token cross-entropy (nats)
@@ -37,7 +38,7 @@ def _rows(logits: torch.Tensor, targets: torch.Tensor, grad: bool) -> torch.Tens
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """mean_i CE(h_i · Wᵀ + b, target_i), its gradients computed in forward."""
+    """mean_i CE(h_i · Wᵀ + b, target_i), the gradients autograd needs computed in forward."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, targets, dtype):
@@ -47,8 +48,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits += bias.to(dtype)
         loss = _rows(logits, targets, grad=True).mean()
         g = logits  # now softmax − one-hot, (N, V) in dtype
-        ctx.save_for_backward((g @ w).to(h.dtype), (g.T @ h.to(dtype)).to(weight.dtype),
-                              None if bias is None else g.sum(0, dtype=torch.float32).to(bias.dtype))
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        ctx.save_for_backward((g @ w).to(h.dtype) if need_h else None,
+                              (g.T @ h.to(dtype)).to(weight.dtype) if need_w else None,
+                              g.sum(0, dtype=torch.float32).to(bias.dtype) if need_b else None)
         ctx.n = len(targets)
         return loss
 
@@ -56,7 +59,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         scale = grad_out / ctx.n
-        return grad_h * scale, grad_w * scale, None if grad_b is None else grad_b * scale, None, None
+        return tuple(None if g is None else g * scale for g in (grad_h, grad_w, grad_b)) + (None, None)
 
 
 @torch.compiler.disable  # eager: inductor would unroll the chunk loop into a slower graph

@@ -38,10 +38,12 @@ from ..evaluation.classify import pad_id_for, pad_rows
 from ..hf.folder import CheckpointError, load_config, load_dropout, require_language_model
 from ..hf.hub import resolve
 from ..hf.load import load
+from ..hf.peft import write_adapter
 from ..hf.save import write_model
 from ..text.chat import ChatTemplate
 from .config import COUNT, FRACTION, NON_NEGATIVE, TrainConfig, check_config, check_ranges, option, scheduled
 from .loop import TrainResult, check_run_folder, train
+from .lora import load_lora_base
 from .loss import linear_cross_entropy
 
 IGNORE = -100  # the label of a token the model does not write (transformers' ignore_index)
@@ -167,10 +169,13 @@ class SFTObjective:
         """The model: the checkpoint's shape (weights restored by the loop), or --model's weights, whose
         answer loss on the validation split is measured first (`base_val_loss`)."""
         self.cfg, self.env = cfg, env
-        if resumed is not None:
+        if cfg.lora_r:  # the frozen bf16 base, also when resuming: the checkpoint then sets the adapters
+            self.model = load_lora_base(self.folder, cfg, env.device)
+        elif resumed is not None:
             self.model = GPT(GPTConfig(**resumed["model_config"])).to(env.device)
         else:
             self.model = load(self.folder, Layout(torch.float32), env.device)
+        if resumed is None:
             autocast = torch.autocast(env.device.type, dtype=torch_dtype(cfg.dtype), enabled=cfg.dtype != "float32")
             self.info["base_val_loss"] = self._answer_loss(AnswerLoss(self.model), autocast)
         self.model.set_dropout(cfg.dropout)
@@ -293,8 +298,12 @@ class SFTObjective:
                         "train_conversations": len(self.train), "val_conversations": len(self.val), **self.info}}
 
     def save(self, state_dict: dict, folder: Path, step: int, metrics: dict) -> None:
-        """The HF LM folder with the tokenizer and --model's generation_config.json (kogpt generate/serve use it)."""
-        write_model(state_dict, self.model.config, folder)
+        """The HF LM folder (with --lora-r the PEFT adapter folder) with the tokenizer and --model's
+        generation_config.json (kogpt generate/serve use it)."""
+        if self.cfg.lora_r:
+            write_adapter(self.model, folder, base=str(self.folder))
+        else:
+            write_model(state_dict, self.model.config, folder)
         self.tok.save(folder)
         if (self.folder / "generation_config.json").is_file():
             shutil.copyfile(self.folder / "generation_config.json", folder / "generation_config.json")
@@ -317,8 +326,6 @@ def _check(sc: SFTConfig) -> None:
     check_ranges(sc, RANGES, flags=True)
     if not sc.max_steps and not (math.isfinite(sc.epochs) and sc.epochs > 0):
         raise UserError(f"--epochs must be > 0, got {sc.epochs}")
-    if sc.loop.lora_r:
-        raise UserError("kogpt sft trains every weight: LoRA (--lora-r) is not wired into it yet")
     check_config(sc.loop, flags=True)
     check_run_folder(Path(sc.loop.out), sc.loop.resume, sc.loop.overwrite)  # before the data and the model are read
 
