@@ -219,3 +219,21 @@ def test_a_frozen_head_gets_no_weight_gradient_and_the_same_input_gradient():
         grads.append(x.grad)
         assert (head.weight.grad is None) == frozen and (head.bias.grad is None) == frozen
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj"])
+def test_the_finetune_memory_benchmark_compares_like_with_like(family, tmp_path):
+    """benchmarks/finetune_memory.py: kogpt's LoRA row and the transformers + peft row train the same number of
+    parameters (the same targets and rank) from the same loss, and both report a step time and a peak RSS."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ftmem", ROOT / "benchmarks" / "finetune_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    hf = make_hf_model(family, initializer_range=0.02)  # calm logits: bf16 rounding stays small
+    hf.save_pretrained(tmp_path)
+    kw = dict(batch=2, seq=16, r=4, steps=1, warmup=1, threads=1, vocab=hf.config.vocab_size, grad_checkpoint=True)
+    ours, theirs = (bench.measure(which, tmp_path, "-", **kw) for which in ("kogpt-lora", "hf-peft"))
+    assert ours["trainable"] == theirs["trainable"] > 0
+    assert ours["first_loss"] == pytest.approx(theirs["first_loss"], rel=5e-3)
+    assert all(m["step_s"] > 0 and m["peak_rss_gb"] >= m["load_peak_rss_gb"] > 0 for m in (ours, theirs))

@@ -2,8 +2,9 @@
 
 A checkpoint (`checkpoints/step-00000100.pt`) holds the full (unsharded) state of the trained
 parameters and their optimizer, keyed by parameter name (a LoRA run's frozen base is left out: it is
-loaded again from its folder, so a 6B run's checkpoint is megabytes, not 12 GB), the step (the data position and the learning rate are functions of it),
-RNG states, the model config and the training config. It is written to a temp file and renamed,
+loaded again from its folder, so a 6B run's checkpoint is megabytes, not 12 GB), the step (the data
+position and the learning rate are functions of it), RNG states, the model config and the training
+config. It is written to a temp file and renamed,
 so a kill at any moment leaves the previous checkpoints intact and at worst a stray temp file;
 it is read back with `weights_only=True`. The same file resumes a single process or a torchrun job.
 
