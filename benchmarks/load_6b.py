@@ -1,10 +1,13 @@
 """Low-memory loading of the full KoGPT 6B shape (GPT-J, 28 layers, n_embd 4096, bf16, ~12 GB).
 
 Writes a random-init checkpoint in HF format (sharded safetensors, one tensor at a time, so writing
-never holds the model either), then measures in fresh processes, kogpt and transformers on the same
-folder: load time, peak RSS against the weights' bytes, and batch-1 decode tokens/s.
+never holds the model either), then measures in fresh processes, kogpt (in each --dtype) and transformers
+(bf16) on the same folder: load time, peak RSS against the weights' bytes (the bf16 files; for int4 the
+bytes the loaded model holds), and batch-1 decode tokens/s after a 32-token prompt (the prompt's time taken
+out), each kogpt row also against kogpt bf16's.
 
     python benchmarks/load_6b.py --folder /tmp/kogpt-6b-random          # ~12 GB of disk
+    python benchmarks/load_6b.py --only kogpt --dtype bf16 --dtype int4  # KoGPT 6B in int4 vs bf16, one run
 """
 
 from __future__ import annotations
@@ -29,14 +32,18 @@ def status(key):  # kB from /proc (ru_maxrss is inherited from the parent across
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1])
-which, folder, new = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+which, folder, new, dtype = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 base = status("VmRSS:")
 t = time.perf_counter()
+held = None
 if which == "kogpt":
     from kogpt.hf.load import load
     from kogpt.generation.engine import generate_ids
-    model = load(folder, "bf16")
+    model = load(folder, dtype)
     run = lambda ids, n: generate_ids(model, ids.tolist(), max_new_tokens=n)
+    if dtype.startswith("int4"):  # every tensor is a parameter or buffer (oneDNN-packed bf16 layers are not)
+        tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+        held = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**30
 else:
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
@@ -49,10 +56,12 @@ load_peak = (status("VmHWM:") - base) / 2**20
 ids = torch.randint(5, 60000, (1, 32))
 run(ids, 2)  # transformers maps the files lazily: its pages come in on first use
 t = time.perf_counter()
-run(ids, new)
-tok_s = new / (time.perf_counter() - t)
+run(ids, 1)  # the 32-token prompt and the first token
+t1 = time.perf_counter()
+run(ids, 1 + new)
+tok_s = new / (time.perf_counter() - t1 - (t1 - t))  # decode only: the prompt's time taken out
 peak = (status("VmHWM:") - base) / 2**20
-print(json.dumps({"load_s": load, "load_peak_rss_gb": load_peak, "peak_rss_gb": peak, "tok_s": tok_s}))
+print(json.dumps({"load_s": load, "load_peak_rss_gb": load_peak, "peak_rss_gb": peak, "tok_s": tok_s, "weights_gb": held}))
 """
 
 
@@ -96,25 +105,34 @@ def main() -> int:
     ap.add_argument("--folder", type=Path, default=Path("/tmp/kogpt-6b-random"))
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--only", choices=["kogpt", "transformers"], default=None)
+    ap.add_argument("--dtype", action="append", choices=["bf16", "int4", "int4-g64", "int4-g128"], default=None,
+                    help="kogpt's layouts to measure (repeatable; default bf16); transformers runs bf16")
     args = ap.parse_args()
     if not (args.folder / "config.json").exists():
         gb = write_random_checkpoint(args.folder)
         print(f"random KoGPT-6B checkpoint: {gb:.2f} GB in {args.folder}")
     weights_gb = json.loads((args.folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"] / 2**30
+    runs = [] if args.only == "transformers" else [("kogpt", d) for d in args.dtype or ["bf16"]]
+    if args.only != "kogpt":
+        runs.append(("transformers", "bf16"))
     rows = {}
-    for which in ([args.only] if args.only else ["kogpt", "transformers"]):
-        r = subprocess.run([sys.executable, "-c", _MEASURE, which, str(args.folder), str(args.new_tokens)],
+    for which, dtype in runs:
+        r = subprocess.run([sys.executable, "-c", _MEASURE, which, str(args.folder), str(args.new_tokens), dtype],
                            capture_output=True, text=True)
         if r.returncode != 0:
-            print(f"{which} failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-3:]}")
+            print(f"{which} {dtype} failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-3:]}")
             continue
-        rows[which] = json.loads(r.stdout.strip().splitlines()[-1])
-        print(which, rows[which], flush=True)
-    print(f"\n| engine | load s | peak RSS GB after load / after decoding (× {weights_gb:.2f} GB of bf16 weights) "
-          f"| decode tok/s |\n|---|---|---|---|")
-    for which, m in rows.items():
-        print(f"| {which} | {m['load_s']:.1f} | {m['load_peak_rss_gb']:.2f} / {m['peak_rss_gb']:.2f} "
-              f"({m['peak_rss_gb'] / weights_gb:.2f}×) | {m['tok_s']:.2f} |")
+        rows[which, dtype] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(which, dtype, rows[which, dtype], flush=True)
+    bf16 = rows.get(("kogpt", "bf16"), {}).get("tok_s")
+    print(f"\n| engine | load s | peak RSS GB after load / after decoding (× the weights: {weights_gb:.2f} GB in bf16) "
+          f"| decode tok/s (× kogpt bf16) |\n|---|---|---|---|")
+    for (which, dtype), m in rows.items():
+        weights = m["weights_gb"] or weights_gb
+        held = f"; {weights:.2f} GB held" if m["weights_gb"] else ""
+        speed = f"{m['tok_s']:.2f}" + (f" ({m['tok_s'] / bf16:.2f}×)" if bf16 and which == "kogpt" else "")
+        print(f"| {which} {dtype} | {m['load_s']:.1f} | {m['load_peak_rss_gb']:.2f} / {m['peak_rss_gb']:.2f} "
+              f"({m['peak_rss_gb'] / weights:.2f}×{held}) | {speed} |")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""What the 16-bit and int8 layouts cost in quality, against fp32: held-out bits per byte and greedy agreement.
+"""What the 16-bit, int8 and int4 layouts cost in quality, against fp32: held-out bits per byte and greedy agreement.
 
 For each --dtype, the same model is loaded with `KoGPT.from_pretrained(..., dtype=)` and
 - scored on --data with `kogpt eval --task perplexity`'s evaluator (bits per UTF-8 byte, sliding
@@ -8,6 +8,7 @@ For each --dtype, the same model is loaded with `KoGPT.from_pretrained(..., dtyp
   tokens before the first difference.
 
     python benchmarks/quantization.py --model kogpt-mini --data heldout/kowiki.txt --json quant.json
+    python benchmarks/quantization.py --data heldout/kowiki.txt --dtypes int4,int4-g64,int4-g128  # the int4 groups
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="kogpt-mini")
     p.add_argument("--data", required=True, help="held-out text (blank line between documents)")
-    p.add_argument("--dtypes", default="fp32,bf16,int8,int8-dynamic")
+    p.add_argument("--dtypes", default="fp32,bf16,int8,int8-dynamic,int4")
     p.add_argument("--limit", type=int, default=None, help="score the first N documents only")
     p.add_argument("--prompts", type=int, default=32, help="greedy prompts taken from the documents")
     p.add_argument("--new-tokens", type=int, default=32)

@@ -107,6 +107,7 @@ class KoGPT:
                  name: str = "kogpt"):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.step_fn: StepFn = decode_step  # the Engine's cached forward (CompiledStep with compile=True)
+        self.speculate = 0  # default draft length of speculative decoding (generation/speculative.py); 0: off
         self.defaults = defaults or GenerationDefaults.for_family(model.config.family)
         if tokenizer.vocab_size > model.config.vocab_size:  # e.g. added tokens past a 50,000 vocab
             warnings.warn(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -204,11 +205,14 @@ class KoGPT:
 
     def iter_completions(self, prompts: Sequence[str], *, stop: Sequence[str] = (), seed: int | None = None,
                          num_return_sequences: int = 1, bow=None, pplm: PPLMConfig | dict | None = None,
-                         **options) -> Iterator[tuple[int, str, Completion | None]]:
+                         speculate: int | None = None, **options) -> Iterator[tuple[int, str, Completion | None]]:
         """Yield (row, text piece, None) as text is produced, then (row, "", Completion) when a row ends.
 
         Rows are the prompts, each repeated num_return_sequences times, generated as one batch.
         bow steers toward a bag of words with PPLM (steering.py; knobs in pplm); top_k defaults to 10 then.
+        speculate: draft up to this many tokens per step from the text so far and verify them in one forward
+        (same tokens greedy, same distribution sampling; faster when the output repeats its input); default
+        self.speculate; steered rows never speculate.
         """
         if num_return_sequences < 1:
             raise UserError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
@@ -224,7 +228,7 @@ class KoGPT:
         eos = [i for i in {self.tokenizer.eos_id} if i is not None]
         events = generate(self.model, encoded, max_new_tokens=[self._budget(len(e), max_new, max_len) for e in encoded],
                           sampling=sampling, eos_ids=eos, rng=rng, stop=lambda b, tok: rows[b].push(tok), hooks=hooks,
-                          step_fn=self.step_fn)
+                          step_fn=self.step_fn, speculate=self.speculate if speculate is None else speculate)
         for ev in events:
             row = rows[ev.key]
             if ev.finish:

@@ -46,10 +46,13 @@ def test_decode_bytes_counts_every_linear_weight_once(tmp_path, preset):
     weights = {m.weight.data_ptr(): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
     assert decode_bytes(tmp_path / preset, "fp32") == 4 * sum(w.numel() for w in weights.values())
     assert decode_bytes(tmp_path / preset, "int8") == sum(w.numel() for w in weights.values())
+    n = sum(w.numel() for w in weights.values())  # int4: half a byte a weight and a bf16 scale and zero a group
+    assert decode_bytes(tmp_path / preset, "int4") == int(n * (0.5 + 4 / 32))
+    assert decode_bytes(tmp_path / preset, "int4-g128") == int(n * (0.5 + 4 / 128))
 
 
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-gptj"])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int8-dynamic"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8", "int8-dynamic", "int4"])
 def test_the_step_split_times_every_linear_layer_of_every_layout(tmp_path, preset, dtype, monkeypatch):
     from kogpt.hf.load import load
     from kogpt.apps.bench import linear_layers, make_random_checkpoint, time_linears
@@ -69,3 +72,16 @@ def test_bench_rejects_a_folder_without_config(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kogpt", "bench", "--model", str(tmp_path)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no config.json" in r.stderr
+
+
+def test_int4_rows_are_compared_with_fp32_and_llama_cpp_q4_0(tmp_path):
+    from kogpt.apps.bench import format_table, gguf_dtype, param_bytes
+
+    assert [gguf_dtype(d) for d in ("fp32", "bf16", "int8", "int4", "int4-g64")] == ["f32", "bf16", "q8_0", "q4_0", "q4_0"]
+    assert param_bytes("int4") == 0.625 and param_bytes("int4-g64") == 0.5625
+    row = {"dtype": "int4", "peer_dtype": "fp32", "kogpt_b1": 100.0, "hf_b1": 40.0, "ratio_b1": 2.5,
+           "bandwidth_gbs": 30.0, "roofline_b1": 200.0, "llama_format": "q4_0", "llama_b1": 125.0,
+           "ratio_llama_b1": 0.8, "llama_ttft": 0.5, "kogpt_ttft": 0.25, "ratio_llama_ttft": 0.5}
+    line = format_table([row]).splitlines()[2]
+    # transformers fp32 reads 6.4x int4's bytes, so its 40 tok/s is 40 / (200 / 6.4) = 128% of its own roofline
+    assert line.startswith("| int4 vs hf fp32 | 100.0 / 40.0 (2.50×) | 200: 50%, 128% |") and "Q4_0: 125.0 (0.80×)" in line

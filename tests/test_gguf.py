@@ -40,14 +40,35 @@ def fields(reader) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
+def q4_0_reference(w: np.ndarray) -> np.ndarray:
+    """llama.cpp's quantize_row_q4_0_ref then dequantize_row_q4_0, per block of 32: d = (the signed value of
+    largest magnitude) / -8, q = min(15, trunc(x / d + 8.5)), and back (q - 8) · fp16(d)."""
+    blocks = w.reshape(-1, 32).astype(np.float32)
+    big = np.take_along_axis(blocks, np.abs(blocks).argmax(1)[:, None], 1)
+    d = big / -8
+    inv = np.divide(1, d, out=np.zeros_like(d), where=d != 0)
+    q = np.minimum(15, np.trunc(blocks * inv + np.float32(8.5)))
+    return ((q - 8) * d.astype(np.float16).astype(np.float32)).reshape(w.shape)
+
+
+def decode_q4_0_bytes(raw: np.ndarray) -> np.ndarray:
+    """Q4_0 blocks decoded by hand from llama.cpp's layout (block_q4_0: fp16 d, then 16 bytes holding
+    element j in the low nibble and element j + 16 in the high nibble of byte j), not with gguf's code."""
+    blocks = raw.reshape(-1, 18)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32)  # (n, 1)
+    qs = blocks[:, 2:]
+    q = np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.float32)  # elements 0..15, then 16..31
+    return (q - 8) * d
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0", "q4_0"])
 def test_gguf_tensors_and_metadata_match_the_model(gpt2_dir, tmp_path, dtype):
     model = load(gpt2_dir, Layout(torch.float32))
     cfg = model.config
     reader = gguf.GGUFReader(write_gguf(gpt2_dir, tmp_path / "m.gguf", dtype))
     meta = fields(reader)
     assert meta["general.architecture"] == "gpt2" and meta["general.type"] == "model"
-    assert meta["general.file_type"] == {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}[dtype]
+    assert meta["general.file_type"] == {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7, "q4_0": 2}[dtype]
     assert meta["general.quantization_version"] == 2
     assert (meta["gpt2.block_count"], meta["gpt2.context_length"], meta["gpt2.embedding_length"],
             meta["gpt2.feed_forward_length"], meta["gpt2.attention.head_count"]) == (2, 128, 32, 128, 4)
@@ -71,6 +92,13 @@ def test_gguf_tensors_and_metadata_match_the_model(gpt2_dir, tmp_path, dtype):
         elif t.tensor_type.name in ("F16", "BF16"):  # round to nearest even, as torch
             torch_dtype = torch.float16 if t.tensor_type.name == "F16" else torch.bfloat16
             np.testing.assert_array_equal(got, expected[name].to(torch_dtype).float().numpy(), err_msg=name)
+        elif t.tensor_type.name == "Q4_0":  # requantized from the float weights, as llama.cpp's own quantizer
+            assert t.data.nbytes == want.size // 32 * 18, name  # 18 bytes a block of 32
+            np.testing.assert_array_equal(got, q4_0_reference(want), err_msg=name)
+            np.testing.assert_array_equal(decode_q4_0_bytes(np.asarray(t.data)).reshape(want.shape), got, err_msg=name)
+            step = np.abs(want.reshape(-1, 32)).max(1, keepdims=True) / 8  # |d|
+            err = np.abs(got - want).reshape(-1, 32)  # half a step, but a whole one where [-8d, 7d] clips
+            assert (err <= step * 1.01 + 1e-12).all() and np.median(err / step) < 0.3, name
         else:  # Q8_0: blocks of 32 share an fp16 scale amax/127; rounding error <= scale/2 (+ the scale's rounding)
             blocks_want, blocks_got = want.reshape(-1, 32), got.reshape(-1, 32)
             bound = np.abs(blocks_want).max(axis=1, keepdims=True) / 127 * 0.6
@@ -176,22 +204,23 @@ def test_bench_adds_llama_cpp_columns(tmp_path, fake_llama):
     model = make_random_checkpoint(tmp_path / "model", "tiny-gpt2")
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "kogpt", "bench", "--model", str(model), "--dtype", "fp32",
-                        "--dtype", "int8", "--dtype", "int8-dynamic", "--repeats", "1", "--no-peer",
+                        "--dtype", "int8", "--dtype", "int8-dynamic", "--dtype", "int4", "--repeats", "1", "--no-peer",
                         "--llama-bench", str(fake_llama), "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "| llama.cpp b1 tok/s (kogpt ×) | llama.cpp TTFT 512 s (kogpt ×) |" in r.stdout
     assert "| fp32 |" in r.stdout and " F32: 250.0 (" in r.stdout and " Q8_0: 250.0 (" in r.stdout
+    assert "| int4 |" in r.stdout and " Q4_0: 250.0 (" in r.stdout
     assert "llama-bench build 4242 (fake123)" in r.stdout
     result = json.loads(out.read_text())
     assert result["llama_bench"] == {"path": str(fake_llama), "build_number": 4242, "build_commit": "fake123"}
     rows = result["rows"]
-    assert [row["llama_format"] for row in rows] == ["f32", "q8_0", "q8_0"]
+    assert [row["llama_format"] for row in rows] == ["f32", "q8_0", "q8_0", "q4_0"]
     for row in rows:
         assert row["llama_b1"] == 250.0 and row["llama_ttft"] == pytest.approx(127 / 1000)  # tiny context: 127-token prompt
         assert row["ratio_llama_b1"] == pytest.approx(row["kogpt_b1"] / 250.0)
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
-    assert len(calls) == 2  # int8 and int8-dynamic share one Q8_0 run
+    assert len(calls) == 3  # int8 and int8-dynamic share one Q8_0 run
     assert calls[0][calls[0].index("-p") + 1] == "127" and calls[0][calls[0].index("-n") + 1] == "96"
     assert calls[0][calls[0].index("-r") + 1] == "1" and calls[0][calls[0].index("-o") + 1] == "json"
 
@@ -231,7 +260,7 @@ def test_a_missing_llama_bench_is_a_user_error(tmp_path):
 
 
 @pytest.mark.skipif(LLAMA_BENCH is None, reason="llama-bench not built or on PATH")
-@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0"])
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0", "q4_0"])
 def test_real_llama_bench_loads_and_runs_the_export(gpt2_dir, tmp_path, dtype):
     path = write_gguf(gpt2_dir, tmp_path / f"m-{dtype}.gguf", dtype)
     cmd = [LLAMA_BENCH, "-m", str(path), "-p", "16", "-n", "8", "-r", "1", "-t", "1", "-o", "json"]

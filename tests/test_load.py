@@ -103,8 +103,8 @@ def test_layout_names_and_their_errors():
     assert Layout.parse("bfloat16") == Layout.parse(torch.bfloat16) == Layout(torch.bfloat16, "packed")
     assert Layout.parse("fp16", plain=True) == Layout(torch.float16, "plain")
     assert Layout.parse("int8") == Layout(torch.bfloat16, "int8")
-    with pytest.raises(UserError, match="unknown dtype 'int4'; choose one of auto, fp32, bf16, fp16, int8"):
-        Layout.parse("int4")
+    with pytest.raises(UserError, match="unknown dtype 'fp8'; choose one of auto, fp32, bf16, fp16, int8"):
+        Layout.parse("fp8")
     with pytest.raises(UserError, match="not int8"):
         Layout.parse("int8-dynamic", plain=True)
     with pytest.raises(UserError, match="CPU only"):

@@ -91,23 +91,37 @@ def test_quantizing_while_reading_equals_quantizing_the_loaded_model(hf_dir, ker
     assert torch.equal(streamed(ids), whole(ids))
 
 
-@pytest.mark.parametrize("family", ["gpt2"])
-def test_quantization_benchmark_reports_each_dtype_against_fp32(model_dir, tmp_path, capsys):
+def quantization_bench():
+    """benchmarks/quantization.py as a module."""
     import importlib.util
-    import json
 
-    from conftest import KOREAN_LINES, ROOT
+    from conftest import ROOT
 
     spec = importlib.util.spec_from_file_location("quant_bench", ROOT / "benchmarks" / "quantization.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def quantization_bench_rows(model_dir, tmp_path, dtypes: str, prompts: int, new_tokens: int) -> dict:
+    """The rows of benchmarks/quantization.py run on model_dir over a few Korean lines."""
+    import json
+
+    from conftest import KOREAN_LINES
+
+    bench = quantization_bench()
     data, out = tmp_path / "heldout.txt", tmp_path / "q.json"
     data.write_text("\n\n".join(KOREAN_LINES), encoding="utf-8")
-    assert bench.main(["--model", str(model_dir), "--data", str(data), "--dtypes", "int8", "--prompts", "4",
-                       "--new-tokens", "6", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    assert bench.main(["--model", str(model_dir), "--data", str(data), "--dtypes", dtypes, "--prompts", str(prompts),
+                       "--new-tokens", str(new_tokens), "--json", str(out)]) == 0
+    return json.loads(out.read_text())["rows"]
+
+
+@pytest.mark.parametrize("family", ["gpt2"])
+def test_quantization_benchmark_reports_each_dtype_against_fp32(model_dir, tmp_path, capsys):
+    rows = quantization_bench_rows(model_dir, tmp_path, "int8", prompts=4, new_tokens=6)
     assert rows["fp32"]["bpb_change"] == 0 and rows["fp32"]["greedy_identical"] == 1.0
     assert rows["int8"]["bits_per_byte"] > 0 and 0 <= rows["int8"]["greedy_prefix"] <= 1
     assert abs(rows["int8"]["bpb_change"]) < 0.05  # random weights: int8 moves bits per byte a little
     assert "| int8 |" in capsys.readouterr().out
-    assert bench.agreement([[1, 2, 3], [4, 5]], [[1, 2, 9], [4, 5]]) == (0.5, (2 / 3 + 1) / 2)
+    assert quantization_bench().agreement([[1, 2, 3], [4, 5]], [[1, 2, 9], [4, 5]]) == (0.5, (2 / 3 + 1) / 2)

@@ -12,8 +12,8 @@ batch-1 step into its linear layers, timed alone (time_linears), and the rest: w
 what the per-token work around them costs.
 
 Given a llama.cpp `llama-bench` binary, GPT-2-family rows also carry llama.cpp's numbers on the GGUF
-export of the same weights (fp32 -> F32, bf16 -> BF16, fp16 -> F16, int8 -> Q8_0): tg (batch-1
-decode tokens/s) and pp (prompt tokens/s, as time to first token of the same long prompt).
+export of the same weights (fp32 -> F32, bf16 -> BF16, fp16 -> F16, int8 -> Q8_0, int4 -> Q4_0): tg
+(batch-1 decode tokens/s) and pp (prompt tokens/s, as time to first token of the same long prompt).
 
     rows = run_bench(folder, dtypes=["fp32", "bf16", "int8"]); print(format_table(rows))
 """
@@ -33,8 +33,7 @@ import torch
 from ..errors import UserError
 
 PROMPT, NEW, LONG = 32, 128, 512
-_PEER_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32,
-               "int8-dynamic": torch.float32}
+_PEER_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the integer layouts: fp32
 
 
 def make_random_checkpoint(folder: Path, preset: str, dtype: str = "fp32", seed: int = 0) -> Path:
@@ -50,12 +49,19 @@ def make_random_checkpoint(folder: Path, preset: str, dtype: str = "fp32", seed:
     hf_cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **{k: v for k, v in d.items() if k != "architectures"})
     torch.manual_seed(seed)
     with torch.device("cpu"):
-        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=_PEER_DTYPE[dtype])
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=_PEER_DTYPE.get(dtype, torch.float32))
     model.save_pretrained(folder)
     return folder
 
 
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int8-dynamic": 1}
+def param_bytes(dtype: str) -> float:
+    """Bytes a decode step reads per weight in a --dtype layout (int4: 4 bits plus a bf16 scale and zero a group)."""
+    from ..core.dtypes import int4_group
+
+    group = int4_group(dtype)
+    if group:
+        return 0.5 + 4 / group
+    return {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int8-dynamic": 1}[dtype]
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
@@ -79,12 +85,12 @@ def decode_bytes(folder: Path, dtype: str) -> int:
 
     c = load_config(folder)
     per_layer = 4 * c.n_embd * c.n_embd + 2 * c.n_embd * c.mlp_dim  # qkv, proj, fc, mlp proj
-    return (c.n_layer * per_layer + c.vocab_size * c.n_embd) * _BYTES[dtype]
+    return int((c.n_layer * per_layer + c.vocab_size * c.n_embd) * param_bytes(dtype))
 
 
 def linear_layers(model) -> list:
     """The linear layers one decode step runs, in model order, whatever their layout (nn.Linear,
-    oneDNN-packed, int8): every module with in_features and out_features (a tied head counts once
+    oneDNN-packed, int8, int4): every module with in_features and out_features (a tied head counts once
     more, as the step reads it again)."""
     return [m for m in model.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]
 
@@ -123,7 +129,7 @@ def _kogpt_generate(model, ids: torch.Tensor, n: int, step_fn=None):
 def _hf(folder: Path, dtype: str):
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=_PEER_DTYPE[dtype]).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=_PEER_DTYPE.get(dtype, torch.float32)).eval()
 
 
 def _hf_generate(model, ids: torch.Tensor, n: int):
@@ -142,7 +148,7 @@ def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True,
     """Decode tokens/s (batch 1 and 8) and time to first token, kogpt (with compile: its torch.compile'd
     decode step, compiled during the warm-up) and (optionally) transformers; for eager kogpt also
     linears_b1, the batch-1 tokens/s of its linear layers alone (time_linears)."""
-    from ..core.dtypes import INT8
+    from ..core.dtypes import QUANTIZED
     from ..hf.folder import read_json
 
     cfg = read_json(folder / "config.json")
@@ -158,7 +164,7 @@ def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True,
         step = CompiledStep()
         gen = lambda model, ids, n: _kogpt_generate(model, ids, n, step)  # noqa: E731
     engines = {"kogpt": (_kogpt(folder, dtype, compile), gen)}
-    if peer and dtype not in INT8:
+    if peer and dtype not in QUANTIZED:
         engines["transformers"] = (_hf(folder, dtype), _hf_generate)
     for model, gen in engines.values():  # warm-up: first calls allocate and pick kernels (and compile)
         gen(model, ids1, 4)
@@ -192,7 +198,7 @@ t = time.perf_counter()
 model = bench._kogpt(folder, dtype) if which == "kogpt" else bench._hf(folder, dtype)
 dt = time.perf_counter() - t
 peak = status("VmHWM:")
-tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once; packed layers report dense
+tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once; oneDNN-packed layers report dense
 weights = sum(t.numel() * t.element_size() for t in tensors.values())
 print(json.dumps({"load_s": dt, "peak_rss_mb": (peak - base) / 1024, "weights_mb": weights / 2**20}))
 """
@@ -207,7 +213,9 @@ def measure_load(folder: Path, dtype: str, which: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-_GGUF_DTYPE = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "q8_0", "int8-dynamic": "q8_0"}
+def gguf_dtype(dtype: str) -> str:
+    """The GGUF type llama.cpp runs for a kogpt --dtype: its own 8- and 4-bit layouts for kogpt's int8 and int4."""
+    return {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "q8_0", "int8-dynamic": "q8_0"}.get(dtype, "q4_0")
 
 
 def _shape(folder: Path) -> tuple[int, int]:
@@ -228,7 +236,7 @@ def measure_llama(binary: str, folder: Path, dtype: str, repeats: int = 3, timeo
     SIGILL), and on x86 the flag changes nothing else for F32/F16/BF16/Q8_0 weights. The row then says so."""
     from ..hf.gguf import write_gguf
 
-    fmt = _GGUF_DTYPE[dtype]
+    fmt = gguf_dtype(dtype)
     prompt, new = _shape(folder)
     out: dict = {"llama_format": fmt}
     try:
@@ -261,7 +269,7 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
     """One row per dtype with kogpt and transformers numbers and their ratios (and llama.cpp's, when
     `llama_bench` is the path of a llama-bench binary and the model is GPT-2 family); with compile, a
     second row per float dtype for kogpt's torch.compile'd decode step against the same peer."""
-    from ..core.dtypes import INT8
+    from ..core.dtypes import QUANTIZED
     from ..hf.folder import load_config
 
     rows, peer_speed, llama = [], {}, {}
@@ -279,7 +287,7 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
                "bandwidth_gbs": bandwidth, "roofline_b1": bandwidth * 1e9 / decode_bytes(folder, dtype)}
         log(f"[{dtype}] load time and peak RSS ...")
         row.update({f"kogpt_{k}": v for k, v in measure_load(folder, dtype, "kogpt").items()})
-        peer_dtype = "fp32" if dtype in INT8 else dtype  # int8 is compared with transformers fp32
+        peer_dtype = "fp32" if dtype in QUANTIZED else dtype  # int8 and int4 are compared with transformers fp32
         if peer:
             if peer_dtype not in peer_speed:
                 peer_speed[peer_dtype] = measure_speed(folder, peer_dtype, repeats)["transformers"]
@@ -291,8 +299,8 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
             for k in ("ttft", "load_s"):
                 row[f"ratio_{k}"] = row[f"kogpt_{k}"] / row[f"hf_{k}"]
         if llama_bench:
-            fmt = _GGUF_DTYPE[dtype]
-            if fmt not in llama:  # int8 and int8-dynamic share one Q8_0 run
+            fmt = gguf_dtype(dtype)
+            if fmt not in llama:  # int8 and int8-dynamic share one Q8_0 run, the int4 group sizes one Q4_0 run
                 log(f"[{dtype}] llama.cpp llama-bench ({fmt.upper()}) ...")
                 llama[fmt] = measure_llama(llama_bench, folder, dtype, repeats)
                 if "llama_error" in llama[fmt]:
@@ -302,7 +310,7 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
                 row["ratio_llama_b1"] = row["kogpt_b1"] / row["llama_b1"]
                 row["ratio_llama_ttft"] = row["kogpt_ttft"] / row["llama_ttft"]
         rows.append(row)
-        if compile and dtype not in INT8:  # int8 layers are opaque to torch.compile
+        if compile and dtype not in QUANTIZED:  # int8 and int4 layers are opaque to torch.compile
             log(f"[{dtype} compiled] decode speed ...")
             fast = measure_speed(folder, dtype, repeats, peer=False, compile=True)["kogpt"]
             crow = {**{k: v for k, v in row.items() if k.startswith(("dtype", "hf_", "peer_", "bandwidth", "roofline"))},
@@ -333,7 +341,8 @@ def format_table(rows: list[dict]) -> str:
         rss = f"{r['kogpt_peak_rss_mb'] / max(r['kogpt_weights_mb'], 1e-9):.2f}" if "kogpt_peak_rss_mb" in r else "–"
         roof = f"{r['roofline_b1']:.0f}: {r['kogpt_b1'] / r['roofline_b1']:.0%}"
         if "hf_b1" in r:
-            roof += f", {r['hf_b1'] / (r['roofline_b1'] * _BYTES[r['dtype']] / _BYTES[r.get('peer_dtype', r['dtype'])]):.0%}"
+            hf_roofline = r["roofline_b1"] * param_bytes(r["dtype"]) / param_bytes(r.get("peer_dtype", r["dtype"]))
+            roof += f", {r['hf_b1'] / hf_roofline:.0%}"
         name = r["dtype"] + (" compiled" if r.get("compiled") else "")
         line = (f"| {name}{peer} | {cell('b1', '.1f')} | {roof} | {cell('b8', '.1f')} | {cell('ttft', '.3f')} "
                 f"| {cell('load_s', '.2f')} | {rss} |")

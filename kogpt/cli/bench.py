@@ -14,7 +14,7 @@ from ..core import dtypes
 
 NAME = "bench"
 HELP = "benchmark kogpt against transformers on the same weights (table with ratios)"
-DEFAULT_DTYPES = ("fp32", "bf16", "int8", "int8-dynamic")
+DEFAULT_DTYPES = ("fp32", "bf16", "int8", "int8-dynamic", "int4")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

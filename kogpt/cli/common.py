@@ -28,12 +28,25 @@ def add_model_arguments(p: argparse.ArgumentParser, decodes: bool = False) -> No
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     g.add_argument("--dtype", default="auto", choices=dtypes.NAMES,
                    help="weights dtype (default: the checkpoint's); int8 = int8 weights with bf16 activations; "
-                        "int8-dynamic = int8 weights and inputs (fbgemm: fastest CPU decode, twice int8's memory)")
+                        "int8-dynamic = int8 weights and inputs (fbgemm: fastest CPU decode, twice int8's memory); "
+                        "int4 = 4-bit weights with a scale and zero per 32 inputs (int4-g64, int4-g128: per 64, "
+                        "128: smaller, a little less exact)")
     g.add_argument("-d", "--debug", action="store_true", help="show token ids, timings and full tracebacks")
     if decodes:
         g.add_argument("--compile", action="store_true",
                        help="decode with a torch.compile'd step (meant for GPUs: CUDA graphs; the first tokens wait "
                             "for the compiler; on CPU the default eager step measured faster)")
+        g.add_argument("--speculate", type=_draft_length, default=0, metavar="K",
+                       help="speculative decoding: draft up to K tokens per step from the text so far and verify "
+                            "them in one forward (greedy: the same tokens; sampling: the same distribution); faster "
+                            "when the output repeats its input (default: 0, off)")
+
+
+def _draft_length(text: str) -> int:
+    k = int(text)
+    if k < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0 (0: off), got {k}")
+    return k
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -124,6 +137,7 @@ def load(args: argparse.Namespace):
     compile = getattr(args, "compile", False)  # only the commands that decode have --compile
     gpt = KoGPT.from_pretrained(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
                                 compile=compile)
+    gpt.speculate = getattr(args, "speculate", 0)  # the decoding commands' default for every request
     w = gpt.model.wte.weight
     print(f"loaded {args.model}: {gpt.model.config.family}, {gpt.model.config.num_params() / 1e6:.1f}M parameters, "
           f"{str(w.dtype).removeprefix('torch.')} on {w.device}" + (", torch.compile'd decode step" if compile else ""),

@@ -1,6 +1,6 @@
 """The one table of dtype names: the short names users type (fp32, bf16, fp16, and the int8 layouts),
 the long names that HF config.json files and training TOMLs use (float32, bfloat16, float16), and
-the torch dtypes behind both.
+the torch dtypes behind both. "int4" is groupwise int4 with 32 inputs a group; "int4-g64" names another group size.
 
 Torch is imported only when a torch dtype is asked for, so `kogpt --help` lists the names at once.
 
@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 
 LONG = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short -> long (= torch attribute) name
 INT8 = ("int8", "int8-dynamic")  # int8 linear layers over a bf16 model (weight-only; int8 inputs too)
-NAMES = ("auto", *LONG, *INT8)  # what --dtype accepts when a model is loaded for inference
+INT4 = ("int4", "int4-g64", "int4-g128")  # groupwise int4 linear layers over a bf16 model (weight-only)
+INT4_GROUP = 32  # inputs per int4 group for plain "int4"
+QUANTIZED = (*INT8, *INT4)  # the layouts with integer weights (no float twin in transformers; no --compile)
+NAMES = ("auto", *LONG, *INT8, *INT4)  # what --dtype accepts when a model is loaded for inference
 TRAIN = ("bfloat16", "float32")  # the autocast dtypes training runs in (TrainConfig.dtype)
 
 
@@ -30,6 +33,19 @@ def torch_dtype(name: str) -> "torch.dtype":
     if long not in LONG.values():
         raise UserError(f"unknown dtype {name!r}; choose one of {', '.join((*LONG, *LONG.values()))}")
     return getattr(torch, long)
+
+
+def int4_group(name: str) -> int | None:
+    """The group size of an int4 name ("int4": 32, "int4-g64": 64), None for any other name; UserError for an
+    int4 name with a malformed group (the kernels' group sizes are checked by core/int4.check_group)."""
+    if name == "int4":
+        return INT4_GROUP
+    if not name.startswith("int4"):
+        return None
+    group = name.removeprefix("int4-g")
+    if group == name or not group.isdigit():
+        raise UserError(f"unknown dtype {name!r}; int4 with another group size is written int4-g64 or int4-g128")
+    return int(group)
 
 
 def long_name(dtype: "torch.dtype") -> str:

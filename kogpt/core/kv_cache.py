@@ -111,3 +111,7 @@ class KVCache:
     def reset(self, rows: slice = slice(None)) -> None:
         """Empty rows so they can take a new sequence."""
         self.lengths[rows] = 0
+
+    def truncate(self, row: int, length: int) -> None:
+        """Forget row `row`'s slots past `length` (speculative decoding drops rejected drafts)."""
+        self.lengths[row] = length

@@ -3,11 +3,12 @@
 The loader (kogpt.hf.load) builds the model on the meta device and streams each tensor of the file
 into it: floats are cast to the layout's dtype, and each Linear becomes `make_linear(weight, bias)` as
 soon as its weight (and bias) are read, so no float copy of the whole model exists in any layout.
-A new per-layer transform (int4) is one more builder in LINEARS and its name in core/dtypes.py. LoRA
+A new per-layer transform is one more builder in LINEARS and its name in core/dtypes.py. LoRA
 (core/lora.py) is orthogonal to the linear kind: the layout's `lora` turns the targeted linears into
 LoRALinear over a frozen weight of the layout's dtype; the others stay the layout's kind.
 
     layout = Layout.parse("int8")  # int8 linears over bf16; Layout(torch.float32): plain fp32, for training
+    layout = Layout.parse("int4-g64")  # int4 linears (64 inputs a group) over bf16
     layout = Layout(torch.bfloat16, lora=LoRAConfig(r=8))  # frozen bf16 base, fp32 adapters
 """
 
@@ -22,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .dtypes import INT8, LONG, NAMES, long_name, torch_dtype
+from .dtypes import INT4_GROUP, INT8, LONG, NAMES, int4_group, long_name, torch_dtype
+from .int4 import Int4Linear, check_group
 from .int8 import Int8Linear, fbgemm_available
 from .lora import LoRAConfig, LoRALinear
 from .packed import PackedLinear, can_pack
@@ -48,8 +50,8 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-# -- the linear layers: (weight (out, in), bias or None, dtype) -> module ------------------------------
-def _plain(weight: torch.Tensor, bias: torch.Tensor | None, dtype) -> nn.Linear:
+# -- the linear layers: (weight (out, in), bias or None, layout) -> module -----------------------------
+def _plain(weight: torch.Tensor, bias: torch.Tensor | None, layout) -> nn.Linear:
     layer = nn.Linear.__new__(nn.Linear)  # nn.Linear's __init__ would make (and init) weights to throw away
     nn.Module.__init__(layer)
     layer.in_features, layer.out_features = weight.size(1), weight.size(0)
@@ -60,26 +62,32 @@ def _plain(weight: torch.Tensor, bias: torch.Tensor | None, dtype) -> nn.Linear:
 
 
 def _int8(kernel: str):
-    return lambda weight, bias, dtype: Int8Linear.from_float(weight, bias, dtype, kernel)
+    return lambda weight, bias, layout: Int8Linear.from_float(weight, bias, layout.dtype, kernel)
 
 
 LINEARS = {
     "plain": _plain,  # nn.Linear: trains, compiles, exports
-    "packed": lambda weight, bias, dtype: PackedLinear(weight, bias),  # oneDNN blocked weights (CPU bf16/fp16)
+    "packed": lambda weight, bias, layout: PackedLinear(weight, bias),  # oneDNN blocked weights (CPU bf16/fp16)
     "int8": _int8("int8pack"),  # int8 weights × bf16 inputs (weight-only)
     "int8-dynamic": _int8("fbgemm"),  # int8 weights and inputs (fbgemm, CPU)
+    # groupwise int4 weights × bf16 inputs (weight-only), every linear, the LM head and classifier heads included
+    "int4": lambda weight, bias, layout: Int4Linear.from_float(weight, bias, layout.dtype, layout.group),
 }
 
 
 @dataclass(frozen=True)
 class Layout:
     """The dtype of a loaded model's floats (None: the checkpoint's own) and the kind of its linears
-    (a key of LINEARS), and the LoRA adapters its targeted linears get (None: no LoRA).
-    Layout(torch.float32) is plain fp32: what training, torch.compile and export use."""
+    (a key of LINEARS), and the LoRA adapters its targeted linears get (None: no LoRA); `group`: the inputs
+    per scale of int4 linears. Layout(torch.float32) is plain fp32: what training, torch.compile and export use."""
 
     dtype: torch.dtype | None = None
     linear: str = "plain"
     lora: LoRAConfig | None = None
+    group: int = INT4_GROUP
+
+    def __post_init__(self):
+        check_group(self.group)
 
     @classmethod
     def parse(cls, name: str | torch.dtype | None = "auto", plain: bool = False) -> "Layout":
@@ -88,10 +96,11 @@ class Layout:
         if isinstance(name, torch.dtype):
             name = long_name(name)
         name = name or "auto"
-        if name in INT8:
+        group = int4_group(name)
+        if name in INT8 or group is not None:
             if plain:
-                raise UserError("--compile works with fp32, bf16 and fp16 weights, not int8")
-            return cls(torch.bfloat16, name)
+                raise UserError(f"--compile works with fp32, bf16 and fp16 weights, not {name}")
+            return cls(torch.bfloat16, name) if group is None else cls(torch.bfloat16, "int4", group=group)
         if name not in NAMES and name not in LONG.values():
             raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(NAMES)}")
         return cls(None if name == "auto" else torch_dtype(name), "plain" if plain else "packed")
@@ -118,4 +127,4 @@ class Layout:
         adapted = self.lora.adapts(name, family) if self.lora else None
         if adapted:
             return LoRALinear(weight, bias, self.lora, *adapted)
-        return LINEARS[self.linear](weight, bias, self.dtype)
+        return LINEARS[self.linear](weight, bias, self)

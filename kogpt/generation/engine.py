@@ -5,10 +5,14 @@ callback, hooks); each `step` prefills queued requests into free rows, samples t
 every running row and runs one batched cached forward. Rows keep their own lengths and positions,
 so prompts of any lengths batch without padding, and a request can join while others decode
 (continuous batching). Per-request features (PPLM, logit masks, ...) are RequestHooks (hooks.py)
-that the loop calls around the request's row without knowing what they do. A request whose own
-prefill or hooks fail (say, out of memory) ends alone with finish "error" and the exception in
-Event.error; the batch goes on. `generate` runs a fixed set of prompts through an Engine and raises
-such an error; callers own prompt formats, stop strings and detokenizing — this module sees ids only.
+that the loop calls around the request's row without knowing what they do. A request with
+`speculate=k` (and no hooks) puts up to k drafted ids (speculative.py) after its last id in the same
+forward; the next step keeps the drafts its sampler agrees with and cuts its cache row back, so it
+emits the same tokens (greedy) or distribution (sampling) as without, often several per step. A
+request whose own prefill or hooks fail (say, out of memory) ends alone with finish "error" and the
+exception in Event.error; the batch goes on. `generate` runs a fixed set of prompts through an Engine
+and raises such an error; callers own prompt formats, stop strings and detokenizing — this module
+sees ids only.
 
     for ev in generate(model, [ids], max_new_tokens=32, sampling=GREEDY): print(ev.token)
 """
@@ -28,6 +32,7 @@ from ..core.kv_cache import KVCache
 from ..core.model import GPT
 from .hooks import RequestHook
 from .sampling import GREEDY, SamplingConfig, sample
+from .speculative import draft, verify
 
 log = logging.getLogger(__name__)
 StepFn = Callable[[GPT, torch.Tensor, KVCache, slice], torch.Tensor]
@@ -49,6 +54,7 @@ class Request:
     key: Any = None  # the caller's handle, echoed in every Event
     logprobs: int | None = None  # report the chosen id's log-probability and this many top alternatives
     hooks: Sequence[RequestHook] = ()  # this request's own features (hooks.py), called in this order
+    speculate: int = 0  # draft up to this many ids per step (speculative.py); 0: off; ignored with hooks
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,10 @@ class _Active:
     """A running request in its cache row."""
 
     req: Request
-    history: list[int]  # prompt + generated ids (repetition penalty, n-gram bans)
-    logits: torch.Tensor | None = None  # (V,) next-token logits, waiting to be sampled
+    history: list[int]  # prompt + generated ids (repetition penalty, n-gram bans, drafts)
+    logits: torch.Tensor | None = None  # (1 + len(drafted), V) next-token logits, waiting to be sampled
+    drafted: list[int] = field(default_factory=list)  # ids that went through the forward after history[-1]
+    lookahead: int = 0  # ids to draft next (up to req.speculate): +2 after a fully kept draft, -1 after a miss
     generated: int = 0
     wants_ids: bool = field(init=False)
 
@@ -87,6 +95,7 @@ class Engine:
         self.cache = KVCache.for_model(cfg, slots, self.max_len, w.dtype, w.device)
         self.queue: deque[Request] = deque()
         self.rows: dict[int, _Active] = {}  # cache row -> request in it
+        self.drafted = self.accepted = 0  # ids drafted and accepted so far (speculation's acceptance rate)
 
     @property
     def idle(self) -> bool:
@@ -104,6 +113,8 @@ class Engine:
             raise UserError(f"the prompt has {len(req.ids)} tokens; the context holds {self.max_len}")
         if max(req.ids) >= self.model.config.vocab_size or min(req.ids) < 0:
             raise UserError(f"prompt ids must be in [0, {self.model.config.vocab_size})")
+        if not isinstance(req.speculate, int) or req.speculate < 0:
+            raise UserError(f"speculate must be a whole number >= 0 (0: off), got {req.speculate!r}")
         self.queue.append(req)
 
     def cancel(self, key: Any) -> bool:
@@ -122,11 +133,12 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[Event]:
-        """Admit queued requests, sample one token for every running request, decode them together
-        (each request's hooks act just before and just after that forward)."""
+        """Admit queued requests, sample one token (or verify drafts) for every running request, decode
+        them together (each request's hooks act just before and just after that forward)."""
         events: list[Event] = []
         self._admit(events)
         self._sample(events)
+        self._draft()
         for row, a in list(self.rows.items()):
             if a.req.hooks:
                 with self._failing_alone(row, events):
@@ -134,15 +146,22 @@ class Engine:
                         hook.before_step(self.model, self.cache, row, a.history)
         if self.rows:
             hi = max(self.rows) + 1  # decode rows [0, hi); free rows in between carry a dummy token
-            tok = torch.zeros(hi, 1, dtype=torch.long, device=self.cache.k.device)
+            T = 1 + max(len(a.drafted) for a in self.rows.values())  # shorter drafts are padded
+            tok = torch.zeros(hi, T, dtype=torch.long)
             for row, a in self.rows.items():
-                tok[row, 0] = a.history[-1]
-            logits = self.step_fn(self.model, tok, self.cache, slice(0, hi))
+                tok[row, :1 + len(a.drafted)] = torch.tensor([a.history[-1], *a.drafted])
+            tok = tok.to(self.cache.k.device)
+            if T == 1:
+                logits = self.step_fn(self.model, tok, self.cache, slice(0, hi))[:, None]  # (hi, 1, V)
+            else:  # verification needs every position's logits: the eager forward
+                logits = self.model(tok, self.cache, slice(0, hi))  # (hi, T, V)
             for row, a in list(self.rows.items()):
-                a.logits = logits[row]
+                a.logits = logits[row, :1 + len(a.drafted)]
+                if len(a.drafted) < T - 1:  # the padding is no part of the row
+                    self.cache.truncate(row, len(a.history) + len(a.drafted))
                 if a.req.hooks:
                     with self._failing_alone(row, events):
-                        a.logits = _map_logits(a.req.hooks, a.logits)
+                        a.logits = _map_logits(a.req.hooks, a.logits[0])[None]
             self.cache.lengths[[r for r in range(hi) if r not in self.rows]] = 0
         return events
 
@@ -158,7 +177,8 @@ class Engine:
             self.cache.reset(slice(row, row + 1))
             self.rows[row] = a = _Active(req, list(req.ids))
             with self._failing_alone(row, events):
-                a.logits = self._prefill(req, row, budget)
+                logits = self._prefill(req, row, budget)
+                a.logits = None if logits is None else logits[None]
 
     def _prefill(self, req: Request, row: int, budget: int) -> torch.Tensor | None:
         """Put the prompt in cache row `row` and start the hooks; the next-token logits, or None when a
@@ -186,15 +206,43 @@ class Engine:
 
     def _sample(self, events: list[Event]) -> None:
         groups: dict[tuple, list[int]] = {}  # rows sharing sampling settings and RNG sample together
-        for row, a in self.rows.items():
-            if a.logits is not None:  # None: the last prompt token goes through this step (hooks.py)
+        for row, a in list(self.rows.items()):
+            if a.drafted:
+                self._verify(row, events)
+            elif a.logits is not None:  # None: the last prompt token goes through this step (hooks.py)
                 groups.setdefault((a.req.sampling, id(a.req.rng)), []).append(row)
         for rows in groups.values():
             first = self.rows[rows[0]].req
-            logits = torch.stack([self.rows[r].logits.float() for r in rows])  # (G, V)
+            logits = torch.stack([self.rows[r].logits[0].float() for r in rows])  # (G, V)
             tok = sample(logits, self._history(rows), first.sampling, first.rng).tolist()
             for i, (row, t) in enumerate(zip(rows, tok)):
                 events.append(self._advance(row, t, logits[i]))
+
+    def _verify(self, row: int, events: list[Event]) -> None:
+        """Emit row `row`'s accepted drafts and the model's next id, one Event each (a stop, EOS or the
+        budget ends it mid-draft); cut its cache row back to the ids kept."""
+        a = self.rows[row]
+        logits, drafted = a.logits.float(), a.drafted
+        a.drafted = []
+        emitted = verify(logits, a.history, drafted, a.req.sampling, a.req.rng)
+        self.drafted, self.accepted = self.drafted + len(drafted), self.accepted + len(emitted) - 1
+        kept_all = len(emitted) > len(drafted)  # transformers' heuristic for assisted generation
+        a.lookahead = min(a.req.speculate, a.lookahead + 2) if kept_all else max(1, a.lookahead - 1)
+        for i, tok in enumerate(emitted):
+            events.append(self._advance(row, tok, logits[i]))
+            if row not in self.rows:  # finished
+                return
+        self.cache.truncate(row, len(a.history) - 1)  # the newest id goes through the next forward
+
+    def _draft(self) -> None:
+        """Draft ids for the requests that speculate, within their budgets and the cache's room."""
+        speculating = [a for a in self.rows.values() if a.req.speculate and not a.req.hooks]
+        if not speculating:
+            return
+        room = self.max_len - max(len(a.history) for a in self.rows.values())  # every row writes 1 + max draft
+        for a in speculating:
+            a.lookahead = a.lookahead or a.req.speculate
+            a.drafted = draft(a.history, min(a.lookahead, a.req.max_new_tokens - a.generated - 1, room))
 
     def _history(self, rows: list[int]) -> torch.Tensor:
         """(G, T) ids of the rows, left-filled with V (ignored by the processors); (G, 0) if unused."""
@@ -255,12 +303,13 @@ def _map_logits(hooks: Sequence[RequestHook], logits: torch.Tensor) -> torch.Ten
 def generate(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
              sampling: SamplingConfig = GREEDY, eos_ids: Sequence[int] = (), rng: torch.Generator | None = None,
              stop: Callable[[int, int], bool] | None = None, step_fn: StepFn = decode_step,
-             hooks: Sequence[Sequence[RequestHook]] | None = None) -> Iterator[Event]:
+             hooks: Sequence[Sequence[RequestHook]] | None = None, speculate: int = 0) -> Iterator[Event]:
     """Yield an Event per new token of each prompt (Event.key is the prompt's index), in step order.
 
     max_new_tokens: one budget for all prompts or one per prompt; capped so prompt + new tokens fit
     the context. stop(index, token) -> True ends that prompt with finish "stop". hooks: the
     RequestHooks of each prompt (a sequence per prompt, maybe empty; a hook serves one request).
+    speculate: draft up to this many ids per step (Request.speculate).
     """
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts):
@@ -274,7 +323,7 @@ def generate(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: in
     engine = Engine(model, slots=len(prompts), max_len=need, step_fn=step_fn)
     for i, (p, n) in enumerate(zip(prompts, budgets)):
         engine.submit(Request(p, n, sampling, tuple(eos_ids), rng, None if stop is None else _bind(stop, i), key=i,
-                              hooks=tuple(per_prompt[i])))
+                              hooks=tuple(per_prompt[i]), speculate=speculate))
     while not engine.idle:
         for ev in engine.step():
             if ev.error is not None:
@@ -289,11 +338,11 @@ def _bind(stop: Callable[[int, int], bool], i: int) -> Callable[[int], bool]:
 def generate_ids(model: GPT, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int],
                  sampling: SamplingConfig = GREEDY, eos_ids: Sequence[int] = (),
                  rng: torch.Generator | None = None, hooks: Sequence[Sequence[RequestHook]] | None = None,
-                 step_fn: StepFn = decode_step) -> list[list[int]]:
+                 step_fn: StepFn = decode_step, speculate: int = 0) -> list[list[int]]:
     """The new ids of each prompt (an ending EOS id included, as transformers returns it)."""
     out: list[list[int]] = [[] for _ in prompts]
     for ev in generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, rng=rng,
-                       hooks=hooks, step_fn=step_fn):
+                       hooks=hooks, step_fn=step_fn, speculate=speculate):
         if ev.token >= 0:
             out[ev.key].append(ev.token)
     return out

@@ -93,20 +93,28 @@ class SamplingConfig:
 GREEDY = SamplingConfig(do_sample=False)
 
 
-def sample(logits: torch.Tensor, ids: torch.Tensor, s: SamplingConfig,
-           rng: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V) given the ids so far (B, T)."""
+def process(logits: torch.Tensor, ids: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
+    """The scores (B, V) fp32 the request picks from: logits after the penalties and, when sampling, the warpers."""
     logits = logits.float()
     for f in s.penalties():
         logits = f(logits, ids)
-    if not s.do_sample:
-        return logits.argmax(-1)
-    for f in s.warpers():
-        logits = f(logits, ids)
-    # a draw from softmax(logits): argmax of p / E with E ~ Exp(1) (the exponential race; one pass
-    # over the vocabulary, much cheaper than torch.multinomial on CPU)
-    probs = logits.softmax(-1)
+    if s.do_sample:
+        for f in s.warpers():
+            logits = f(logits, ids)
+    return logits
+
+
+def draw(probs: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
+    """One id (B,) per row of probs (B, V), which need not sum to 1: argmax of p / E with E ~ Exp(1)
+    (the exponential race; one pass over the vocabulary, much cheaper than torch.multinomial on CPU)."""
     return (probs / torch.empty_like(probs).exponential_(1.0, generator=rng)).argmax(-1)
+
+
+def sample(logits: torch.Tensor, ids: torch.Tensor, s: SamplingConfig,
+           rng: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V) given the ids so far (B, T)."""
+    scores = process(logits, ids, s)
+    return draw(scores.softmax(-1), rng) if s.do_sample else scores.argmax(-1)
 
 
 # -- processors ---------------------------------------------------------------------------------

@@ -7,6 +7,11 @@ The tokenizer is llama.cpp's "gpt2" model (byte-level BPE); a folder without one
 vocabulary of the model's vocab_size, enough for llama-bench (it feeds random ids). Needs `gguf`.
 
     write_gguf("runs/kogpt2", "kogpt2-q8_0.gguf", "q8_0")
+
+Q4_0 is llama.cpp's own 4-bit layout (blocks of 32 weights: an fp16 scale d and 16 bytes of nibbles,
+w ≈ (q - 8) · d, symmetric), made by gguf-py's port of llama.cpp's reference quantizer from the float
+weights of the folder, not from kogpt's int4 (asymmetric, bf16 scale and zero) weights: each engine rounds
+the same float weights its own way. Every 2-D weight is Q4_0, token_embd included (llama-quantize --pure).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 
 from ..errors import UserError
 
-DTYPES = ("f32", "f16", "bf16", "q8_0")
+DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # kogpt module name -> llama.cpp GPT-2 tensor name (gguf MODEL_TENSOR names for MODEL_ARCH.GPT2)
 _BLOCK = {"ln_1": "attn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output", "ln_2": "ffn_norm",
           "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}
@@ -40,7 +45,7 @@ def _qtype(gguf, new_name: str, n_dims: int, dtype: str):
     if n_dims <= 1 or new_name.endswith("_norm.weight") or not new_name.endswith(".weight") \
             or new_name.startswith("position_embd."):
         return T.F32
-    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}[dtype]
+    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}[dtype]
 
 
 def _byte_symbols() -> list[str]:
@@ -114,7 +119,7 @@ def tokenizer_vocab(folder: Path, vocab_size: int) -> tuple[list[str], list[int]
 def write_gguf(folder: str | os.PathLike, path: str | os.PathLike, dtype: str = "f32", tokenizer: bool = True) -> Path:
     """Write the GPT-2-family model in `folder` as a GGUF file at `path`.
 
-    dtype: "f32", "f16", "bf16" or "q8_0" for the 2-D weights (token_embd included, as llama.cpp's
+    dtype: "f32", "f16", "bf16", "q8_0" or "q4_0" for the 2-D weights (token_embd included, as llama.cpp's
     converter does; norms, biases and position_embd stay F32). The head is tied to token_embd, so no
     output tensor is written unless the model's head is untied. tokenizer: export the folder's
     byte-level BPE tokenizer if it has one (False, or no tokenizer files: a placeholder vocabulary).
@@ -153,7 +158,8 @@ def write_gguf(folder: str | os.PathLike, path: str | os.PathLike, dtype: str = 
     w.add_feed_forward_length(cfg.mlp_dim)
     w.add_head_count(cfg.n_head)
     w.add_layer_norm_eps(cfg.layer_norm_epsilon)
-    file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}[dtype]
+    file_type = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+                 "q4_0": "MOSTLY_Q4_0"}[dtype]
     w.add_file_type(gguf.LlamaFileType[file_type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
@@ -174,7 +180,7 @@ def write_gguf(folder: str | os.PathLike, path: str | os.PathLike, dtype: str = 
         qtype = _qtype(gguf, new_name, data.ndim, dtype)
         try:
             packed = gguf.quants.quantize(data, qtype)
-        except gguf.QuantError:  # a row length Q8_0 cannot block (not a multiple of 32): F16, as the converter
+        except gguf.QuantError:  # a row length Q8_0 / Q4_0 cannot block (not a multiple of 32): F16, as the converter
             qtype = gguf.GGMLQuantizationType.F16
             packed = gguf.quants.quantize(data, qtype)
         w.add_tensor(new_name, packed, raw_dtype=qtype)

@@ -33,7 +33,7 @@ def write_model(state_dict: dict[str, torch.Tensor], config: GPTConfig, folder: 
     `info` (e.g. best_step, val metrics) joins the head's task and input format under kogpt_finetune."""
     sd = {k: v.detach().cpu() for k, v in state_dict.items()}
     if any(k.endswith("qweight") for k in sd):
-        raise CheckpointError("an int8-quantized model cannot be saved in HF format; save the float model")
+        raise CheckpointError("an int8- or int4-quantized model cannot be saved in HF format; save the float model")
     if head is None:
         hf = config_to_hf(config, sd["wte.weight"].dtype)
     else:

@@ -172,7 +172,8 @@ def plan(s: ServerState, body, prompts: list[list[int]], stops: list[str], max_t
         for j in range(body.n):
             seed = None if body.seed is None else (body.seed + j) % (1 << 64)  # torch takes 64-bit seeds
             specs.append(SeqSpec(ids, budget, sampling, stops, seed, logprobs,
-                                 None if steer is None else steer[len(specs)]))
+                                 None if steer is None else steer[len(specs)],
+                                 gpt.speculate if body.speculate is None else body.speculate))
     return specs
 
 

@@ -2,7 +2,8 @@
 
 Requests are validated strictly (no "1" for 1, unknown fields refused) so a typo is a 400, not a
 silently ignored option. Beyond OpenAI's fields, the kogpt extensions top_k, min_p, typical_p,
-repetition_penalty and no_repeat_ngram_size take transformers' semantics (kogpt.generation.sampling).
+repetition_penalty and no_repeat_ngram_size take transformers' semantics (kogpt.generation.sampling);
+speculate sets speculative decoding's draft length (kogpt.generation.speculative).
 Builders return plain dicts in the shapes of /v1/completions and /v1/chat/completions.
 
     body = CompletionRequest.model_validate({"prompt": "안녕", "max_tokens": 8})
@@ -71,6 +72,7 @@ class _Common(_Strict):
     # PPLM steering: a bundled topic name or a list of words (never a server-side file), and its knobs
     bow: str | list[str] | None = None  # checked by the handler (topic names, 1-500 words of 1-50 characters)
     pplm: PPLMOptions | None = None
+    speculate: int | None = Field(None, ge=0, le=16)  # speculative decoding's draft length; unset: kogpt serve --speculate
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -48,6 +48,7 @@ class SeqSpec:
     seed: int | None = None
     logprobs: int | None = None  # report log-probabilities, with this many top alternatives
     steer: Steerer | None = None  # PPLM steering state (one per sequence)
+    speculate: int = 0  # speculative decoding's draft length (kogpt.generation.speculative); 0: off
 
 
 @dataclass
@@ -230,7 +231,7 @@ class Scheduler:
             stream = TextStream(self.gpt.tokenizer, spec.stop, spec.ids)  # prompt as left context
             rng = None if spec.seed is None else torch.Generator(device).manual_seed(spec.seed)
             req = Request(spec.ids, spec.max_new_tokens, spec.sampling, self.eos, rng, stream.push, key, spec.logprobs,
-                          () if spec.steer is None else (spec.steer,))
+                          () if spec.steer is None else (spec.steer,), spec.speculate)
             self._seqs[key] = _Seq(job, i, spec, stream)
             self.engine.submit(req)  # prompts were checked by the handler; errors fail the job (_drain)
 
@@ -247,8 +248,8 @@ class Scheduler:
     def _dispatch(self, events: list[Event]) -> None:
         now = time.perf_counter()
         decoded = sum(ev.token >= 0 for ev in events)
-        if decoded:
-            self.metrics.batch_size.observe(decoded)
+        if decoded:  # a speculating row may emit several tokens in one step
+            self.metrics.batch_size.observe(len({ev.key for ev in events if ev.token >= 0}))
             self.metrics.generation_tokens.inc(decoded)
         for ev in events:
             seq = self._seqs.get(ev.key)
