@@ -199,6 +199,25 @@ def check_config(cfg: TrainConfig, flags: bool = False) -> None:
     check_output_dir(cfg.out, "--out")
 
 
+def check_scheduled(run, ranges: dict, required: tuple[str, ...]) -> None:
+    """Every setting of a run scheduled in epochs (finetune and sft: `run` has model, val, val_fraction, epochs,
+    max_steps and the loop's TrainConfig as `loop`) and of its loop, as flags: the `required` ones and --out
+    given, --model given, not both --val and --val-fraction, each in its range (`ranges`), epochs > 0."""
+    for name in required:
+        if not getattr(run, name):
+            raise UserError(f"--{name} is required")
+    if not run.loop.out:
+        raise UserError("--out is required")
+    if not run.model:
+        raise UserError("no model given: pass --model with a model folder or a Hugging Face hub id")
+    if run.val and run.val_fraction != type(run).val_fraction:
+        raise UserError("give --val or --val-fraction, not both")
+    check_ranges(run, ranges, flags=True)
+    if not run.max_steps and not (math.isfinite(run.epochs) and run.epochs > 0):
+        raise UserError(f"--epochs must be > 0, got {run.epochs}")
+    check_config(run.loop, flags=True)
+
+
 def scheduled(loop: TrainConfig, run, rows: int, init_from: str, dropout: float) -> TrainConfig:
     """The loop settings of a run scheduled in epochs over `rows` examples (finetune and sft: `run` has
     epochs, max_steps, warmup, eval_every, save_every): steps from the epochs unless max_steps is given,

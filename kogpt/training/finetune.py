@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from ..core.model import GPT
 from ..evaluation.tasks import Example, Prediction, Task, get_task
 from ..evaluation.tasks.base import split_examples
 from .loop import TrainResult, check_run_folder, train
-from .config import COUNT, FRACTION, NON_NEGATIVE, TrainConfig, check_config, check_ranges, option, scheduled
+from .config import COUNT, FRACTION, NON_NEGATIVE, TrainConfig, check_scheduled, option, scheduled
 from .lora import load_lora_base
 
 SPLIT_SEED = 0  # the validation split is the same whatever --seed is, so runs compare on the same examples
@@ -242,19 +241,7 @@ def _loss(head: Head, examples: list[Example], preds: list[Prediction]) -> float
 
 
 def _check(fc: FinetuneConfig) -> None:
-    for name in ("task", "train"):
-        if not getattr(fc, name):
-            raise UserError(f"--{name} is required")
-    if not fc.loop.out:
-        raise UserError("--out is required")
-    if not fc.model:
-        raise UserError("no model given: pass --model with a model folder or a Hugging Face hub id")
-    if fc.val and fc.val_fraction != FinetuneConfig.val_fraction:
-        raise UserError("give --val or --val-fraction, not both")
-    check_ranges(fc, RANGES, flags=True)
-    if not fc.max_steps and not (math.isfinite(fc.epochs) and fc.epochs > 0):
-        raise UserError(f"--epochs must be > 0, got {fc.epochs}")
-    check_config(fc.loop, flags=True)
+    check_scheduled(fc, RANGES, ("task", "train"))
     check_run_folder(Path(fc.loop.out), fc.loop.resume, fc.loop.overwrite)  # before the data and the model are read
 
 

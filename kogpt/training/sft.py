@@ -41,7 +41,7 @@ from ..hf.load import load
 from ..hf.peft import write_adapter
 from ..hf.save import write_model
 from ..text.chat import ChatTemplate
-from .config import COUNT, FRACTION, NON_NEGATIVE, TrainConfig, check_config, check_ranges, option, scheduled
+from .config import COUNT, FRACTION, NON_NEGATIVE, TrainConfig, check_scheduled, option, scheduled
 from .loop import TrainResult, check_run_folder, train
 from .lora import load_lora_base
 from .loss import linear_cross_entropy
@@ -315,18 +315,7 @@ def _say(msg: str) -> None:
 
 
 def _check(sc: SFTConfig) -> None:
-    if not sc.train:
-        raise UserError("--train is required")
-    if not sc.loop.out:
-        raise UserError("--out is required")
-    if not sc.model:
-        raise UserError("no model given: pass --model with a model folder or a Hugging Face hub id")
-    if sc.val and sc.val_fraction != SFTConfig.val_fraction:
-        raise UserError("give --val or --val-fraction, not both")
-    check_ranges(sc, RANGES, flags=True)
-    if not sc.max_steps and not (math.isfinite(sc.epochs) and sc.epochs > 0):
-        raise UserError(f"--epochs must be > 0, got {sc.epochs}")
-    check_config(sc.loop, flags=True)
+    check_scheduled(sc, RANGES, ("train",))
     check_run_folder(Path(sc.loop.out), sc.loop.resume, sc.loop.overwrite)  # before the data and the model are read
 
 
