@@ -147,10 +147,10 @@ class Engine:
         if self.rows:
             hi = max(self.rows) + 1  # decode rows [0, hi); free rows in between carry a dummy token
             T = 1 + max(len(a.drafted) for a in self.rows.values())  # shorter drafts are padded
-            tok = torch.zeros(hi, T, dtype=torch.long)
+            ids = [[0] * T for _ in range(hi)]
             for row, a in self.rows.items():
-                tok[row, :1 + len(a.drafted)] = torch.tensor([a.history[-1], *a.drafted])
-            tok = tok.to(self.cache.k.device)
+                ids[row][:1 + len(a.drafted)] = [a.history[-1], *a.drafted]
+            tok = torch.tensor(ids, device=self.cache.k.device)  # (hi, T): one tensor a step
             if T == 1:
                 logits = self.step_fn(self.model, tok, self.cache, slice(0, hi))[:, None]  # (hi, 1, V)
             else:  # verification needs every position's logits: the eager forward
