@@ -25,9 +25,10 @@ OFFLINE = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_PROX
 
 
 def hangul_share(text: str) -> float:
-    """Share of Hangul syllables among the letters of `text`."""
+    """Share of Korean letters among the letters of `text`: Hangul syllables and the compatibility jamo that
+    Korean reviews write alone (ㅋㅋㅋ, ㅠㅠ)."""
     letters = [c for c in text if c.isalpha()]
-    return sum("\uac00" <= c <= "\ud7a3" for c in letters) / max(1, len(letters))
+    return sum("\uac00" <= c <= "\ud7a3" or "\u3131" <= c <= "\u318e" for c in letters) / max(1, len(letters))
 
 
 def test_kogpt_mini_is_shipped_within_budget():
