@@ -51,8 +51,8 @@ def given(args: argparse.Namespace, fields: Mapping[str, Field]) -> dict:
 
 def add_composed_flags(p: argparse.ArgumentParser, groups: Mapping[str, str], own: Mapping[str, Field], config,
                        loop_help: Mapping[str, str], epilog: str) -> None:
-    """The flags of a settings dataclass that holds the training loop's TrainConfig as `config.loop`
-    (FinetuneConfig, SFTConfig): its own fields and the loop's, a name in both being its own; the
+    """The flags of a ScheduledConfig (FinetuneConfig, SFTConfig), which holds the training loop's TrainConfig
+    as `config.loop`: its own fields and the loop's, a name in both being its own; the
     defaults are `config`'s (a command's recipe), --model's the bundled model; and --debug."""
     from .common import default_model
 

@@ -4,6 +4,7 @@ Each field documents itself once (its `help` metadata); the CLI builds one `--fl
 it. Precedence: defaults < TOML file < flags. A TOML key that is not a field is an error naming the
 key and the closest field, so a typo never silently trains with a default. check_config() is the one
 check of every value, the device and --out, before any work; finetuning runs it on its TrainConfig too.
+ScheduledConfig: the settings finetune and sft share (model, files, a schedule in epochs) around their loop's.
 
     cfg = read_train_config("pretrain.toml", {"max_steps": 100})
 """
@@ -17,6 +18,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from ..core.dtypes import TRAIN
 from ..errors import UserError
@@ -26,6 +28,12 @@ from ..fileio import check_output_dir
 def option(default, help: str, **kw):
     """A settings field that carries its --help text; kw: its metavar, and the flag of a dict (--weight)."""
     return field(default=default, metadata={"help": help, **kw})
+
+
+def redefault(base, name: str, default):
+    """Field `name` of dataclass `base` with another default and the same help, for a subclass to redeclare."""
+    (f,) = (f for f in dataclasses.fields(base) if f.name == name)
+    return field(default=default, metadata=f.metadata)
 
 
 def flag_name(name: str) -> str:
@@ -118,6 +126,50 @@ RANGES = {
 }
 
 
+@dataclass
+class ScheduledConfig:
+    """A run scheduled in epochs over a training file (FinetuneConfig, SFTConfig): the model, the files and the
+    schedule in the run's terms; the training loop's own settings in `loop`, from which scheduled() makes the
+    loop's. A command's subclass declares train, epochs and loop (its file format, its recipe), adds its own
+    settings, and redeclares a setting here whose help or default is its own."""
+
+    # each command's own: what its training file holds, what an epoch is, the loop's recipe
+    train: str
+    epochs: float
+    loop: TrainConfig
+    # what to tune, on what
+    model: str = option("", "model folder (HF format), bundled model name or hub id: a language model",
+                        metavar="MODEL")
+    revision: str = option("", "hub revision of --model")
+    val: str = option("", "validation file of the same format (default: --val-fraction of --train)", metavar="PATH")
+    val_fraction: float = option(0.1, "share of --train held out for validation when --val is not given (seeded)")
+    limit: int = option(0, "use only the first N rows of each file (0: all)")
+    # the schedule and validation, in the run's terms
+    max_steps: int = option(0, "optimizer steps, overriding --epochs (0: from --epochs)")
+    warmup: float = option(0.1, "share of the steps spent warming the learning rate up")
+    dropout: float = option(-1.0, "share of embeddings, attention weights and residual branches dropped while "
+                                  "training; negative: the model's config.json")
+    eval_every: int = option(0, "validate every N steps (0: ten times over the run)")
+    save_every: int = option(0, "write a checkpoint every N steps (0: at each validation)")
+
+    @classmethod
+    def own_fields(cls) -> dict[str, dataclasses.Field]:
+        """Its settings by name, the loop's aside: the command's own flags."""
+        return {f.name: f for f in dataclasses.fields(cls) if f.name != "loop"}
+
+    @classmethod
+    def from_settings(cls, **settings) -> Self:
+        """From flat settings, as the command takes them: each a field of `cls` or of its loop (the loop's
+        settings start from the command's recipe, the default `loop`)."""
+        own = {k: settings.pop(k) for k in list(settings) if k in cls.own_fields()}
+        return cls(**own, loop=dataclasses.replace(cls().loop, **settings))
+
+
+SCHEDULED_RANGES = {**dict.fromkeys(("limit", "max_steps", "eval_every", "save_every"), NON_NEGATIVE),
+                    "warmup": FRACTION, "val_fraction": (lambda x: 0 < x < 1, "in (0, 1)"),
+                    "dropout": (lambda x: x < 1, "in [0, 1) (negative: the model's own)")}
+
+
 def _check_type(name: str, value, where: str):
     want = FIELDS[name].type
     ok = {"bool": isinstance(value, bool), "int": isinstance(value, int) and not isinstance(value, bool),
@@ -199,10 +251,10 @@ def check_config(cfg: TrainConfig, flags: bool = False) -> None:
     check_output_dir(cfg.out, "--out")
 
 
-def check_scheduled(run, ranges: dict, required: tuple[str, ...]) -> None:
-    """Every setting of a run scheduled in epochs (finetune and sft: `run` has model, val, val_fraction, epochs,
-    max_steps and the loop's TrainConfig as `loop`) and of its loop, as flags: the `required` ones and --out
-    given, --model given, not both --val and --val-fraction, each in its range (`ranges`), epochs > 0."""
+def check_scheduled(run: ScheduledConfig, required: tuple[str, ...], ranges: dict | None = None) -> None:
+    """Every setting of a run scheduled in epochs and of its loop, as flags: the `required` ones and --out
+    given, --model given, not both --val and --val-fraction, each in its range (SCHEDULED_RANGES and the
+    command's own `ranges`), epochs > 0."""
     for name in required:
         if not getattr(run, name):
             raise UserError(f"--{name} is required")
@@ -212,16 +264,16 @@ def check_scheduled(run, ranges: dict, required: tuple[str, ...]) -> None:
         raise UserError("no model given: pass --model with a model folder or a Hugging Face hub id")
     if run.val and run.val_fraction != type(run).val_fraction:
         raise UserError("give --val or --val-fraction, not both")
-    check_ranges(run, ranges, flags=True)
+    check_ranges(run, {**SCHEDULED_RANGES, **(ranges or {})}, flags=True)
     if not run.max_steps and not (math.isfinite(run.epochs) and run.epochs > 0):
         raise UserError(f"--epochs must be > 0, got {run.epochs}")
     check_config(run.loop, flags=True)
 
 
-def scheduled(loop: TrainConfig, run, rows: int, init_from: str, dropout: float) -> TrainConfig:
-    """The loop settings of a run scheduled in epochs over `rows` examples (finetune and sft: `run` has
-    epochs, max_steps, warmup, eval_every, save_every): steps from the epochs unless max_steps is given,
-    warmup as a share of them, ten validations unless eval_every is given, a checkpoint at each."""
+def scheduled(loop: TrainConfig, run: ScheduledConfig, rows: int, init_from: str, dropout: float) -> TrainConfig:
+    """The loop settings of a run scheduled in epochs over `rows` examples: steps from the epochs unless
+    max_steps is given, warmup as a share of them, ten validations unless eval_every is given, a checkpoint
+    at each."""
     steps = run.max_steps or math.ceil(run.epochs * rows / (loop.batch_size * loop.grad_accum))
     eval_every = run.eval_every or math.ceil(steps / 10)
     return dataclasses.replace(loop, init_from=init_from, max_steps=steps, warmup_steps=round(run.warmup * steps),

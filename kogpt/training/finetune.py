@@ -5,15 +5,14 @@ KoGPT2-subtasks does (evaluation/classify.frame; pairs in both orders, as augmen
 with the seed, right-padded per micro-batch; cross-entropy on the label, or MSE on the 0–5 score.
 Each validation scores the validation split (carved from the training file, or --val) and,
 separately, a fixed sample of the training examples; the best validation score picks the exported
-folder — the evaluation file is never seen. FinetuneConfig holds the loop's TrainConfig, with the
-KoGPT2-subtasks recipe as its defaults.
+folder — the evaluation file is never seen. FinetuneConfig (a ScheduledConfig) holds the loop's
+TrainConfig, with the KoGPT2-subtasks recipe as its defaults.
 
     finetune(FinetuneConfig.from_settings(model="kogpt-mini", task="nsmc", train="ratings_train.txt", out="runs/nsmc"))
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from ..core.model import GPT
 from ..evaluation.tasks import Example, Prediction, Task, get_task
 from ..evaluation.tasks.base import split_examples
 from .loop import TrainResult, check_run_folder, train
-from .config import COUNT, FRACTION, NON_NEGATIVE, TrainConfig, check_scheduled, option, scheduled
+from .config import COUNT, ScheduledConfig, TrainConfig, check_scheduled, option, scheduled
 from .lora import load_lora_base
 
 SPLIT_SEED = 0  # the validation split is the same whatever --seed is, so runs compare on the same examples
@@ -56,44 +55,27 @@ LOOP_HELP = {"out": "run folder: log.jsonl, loss.png, checkpoints/ and model/ (t
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(ScheduledConfig):
     """What to finetune on which task's files, and the schedule in finetuning's terms; the training loop's
     own settings in `loop`. finetune() sets the loop's init_from, max_steps, warmup_steps, dropout,
     eval_every and save_every from these once the examples are framed and the model is found."""
 
-    # what to finetune, on what
+    train: str = option("", "the task's training file, in its official format", metavar="PATH")
+    epochs: float = option(3.0, "passes over the training rows (pair tasks have two per example: both orders)")
+    loop: TrainConfig = field(default_factory=lambda: TrainConfig(**RECIPE))
+    # finetuning's own
+    task: str = option("", "the benchmark: nsmc, ynat, korsts or klue-sts", metavar="TASK")
+    eval_batch_size: int = option(64, "inputs per forward when validating")
+    # shared settings, as finetuning words them
     model: str = option("", "model folder (HF format), bundled model name or hub id: an LM, or a classifier "
                             "to continue", metavar="MODEL")
-    revision: str = option("", "hub revision of --model")
-    task: str = option("", "the benchmark: nsmc, ynat, korsts or klue-sts", metavar="TASK")
-    train: str = option("", "the task's training file, in its official format", metavar="PATH")
-    val: str = option("", "validation file of the same format (default: --val-fraction of --train)", metavar="PATH")
-    val_fraction: float = option(0.1, "share of --train held out for validation when --val is not given (seeded)")
     limit: int = option(0, "use only the first N examples of each file (0: all)")
-    # the schedule and validation, in finetuning's terms
-    epochs: float = option(3.0, "passes over the training rows (pair tasks have two per example: both orders)")
-    max_steps: int = option(0, "optimizer steps, overriding --epochs (0: from --epochs)")
-    warmup: float = option(0.1, "share of the steps spent warming the learning rate up")
     dropout: float = option(-1.0, "share of embeddings, attention weights and residual branches dropped while "
                                   "training; negative: the model's config.json, as transformers finetunes it "
                                   "(0.1 for KoGPT2, 0 for kogpt-mini)")
-    eval_every: int = option(0, "validate every N steps (0: ten times over the run)")
-    eval_batch_size: int = option(64, "inputs per forward when validating")
-    save_every: int = option(0, "write a checkpoint every N steps (0: at each validation)")
-    # the training loop's settings (out, batch, lr, seed, device, ...)
-    loop: TrainConfig = field(default_factory=lambda: TrainConfig(**RECIPE))
-
-    @classmethod
-    def from_settings(cls, **settings) -> FinetuneConfig:
-        """From flat settings, as `kogpt finetune` takes them: each a field of FinetuneConfig or of its loop."""
-        own = {k: settings.pop(k) for k in list(settings) if k in FIELDS}
-        return cls(**own, loop=TrainConfig(**{**RECIPE, **settings}))
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig) if f.name != "loop"}  # its own settings
-RANGES = {**dict.fromkeys(("limit", "max_steps", "eval_every", "save_every"), NON_NEGATIVE), "eval_batch_size": COUNT,
-          "val_fraction": (lambda x: 0 < x < 1, "in (0, 1)"), "warmup": FRACTION,
-          "dropout": (lambda x: x < 1, "in [0, 1) (negative: the model's own)")}
+FIELDS = FinetuneConfig.own_fields()
 
 
 class ClassifierObjective:
@@ -241,7 +223,7 @@ def _loss(head: Head, examples: list[Example], preds: list[Prediction]) -> float
 
 
 def _check(fc: FinetuneConfig) -> None:
-    check_scheduled(fc, RANGES, ("task", "train"))
+    check_scheduled(fc, ("task", "train"), {"eval_batch_size": COUNT})
     check_run_folder(Path(fc.loop.out), fc.loop.resume, fc.loop.overwrite)  # before the data and the model are read
 
 

@@ -6,15 +6,14 @@ and the next-token loss of pretraining (loss.py) on the tokens the model writes 
 replies and the EOS after the last; system and user turns and the padding are labels -100. A step's
 loss is the mean over its assistant tokens, however they fall into micro-batches and processes.
 Validation is the answer loss (mean NLL of the assistant tokens of the validation split); its best
-picks the exported HF folder (with the tokenizer and generation config). SFTConfig holds the loop's
-TrainConfig.
+picks the exported HF folder (with the tokenizer and generation config). SFTConfig (a ScheduledConfig)
+holds the loop's TrainConfig.
 
     sft(SFTConfig.from_settings(model="kogpt-mini", train="chat.jsonl", out="runs/sft"))
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import os
@@ -41,7 +40,7 @@ from ..hf.load import load
 from ..hf.peft import write_adapter
 from ..hf.save import write_model
 from ..text.chat import ChatTemplate
-from .config import COUNT, FRACTION, NON_NEGATIVE, TrainConfig, check_scheduled, option, scheduled
+from .config import ScheduledConfig, TrainConfig, check_scheduled, option, redefault, scheduled
 from .loop import TrainResult, check_run_folder, train
 from .lora import load_lora_base
 from .loss import linear_cross_entropy
@@ -63,43 +62,27 @@ LOOP_HELP = {"out": "run folder: log.jsonl, loss.png, checkpoints/ and model/ (t
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(ScheduledConfig):
     """What to tune on which conversations, and the schedule in epochs; the training loop's own settings in
     `loop`. sft() sets the loop's init_from, max_steps, warmup_steps, dropout, eval_every and save_every."""
 
-    model: str = option("", "model folder (HF format), bundled model name or hub id: a language model",
-                        metavar="MODEL")
-    revision: str = option("", "hub revision of --model")
     train: str = option("", "conversations: JSONL ({\"messages\": [...]} or {\"prompt\", \"completion\"} rows) or a "
                             "Q,A CSV", metavar="PATH")
-    val: str = option("", "validation conversations of the same formats (default: --val-fraction of --train)",
-                      metavar="PATH")
-    val_fraction: float = option(0.05, "share of --train held out for validation when --val is not given (seeded)")
+    epochs: float = option(2.0, "passes over the training conversations")
+    loop: TrainConfig = field(default_factory=lambda: TrainConfig(**RECIPE))
+    # sft's own
     chat_template: str = option("", "JSON file replacing fields of the default chat template (give `kogpt serve` "
                                     "the same file)", metavar="FILE")
     skip_bad_rows: bool = option(False, "leave out rows that are no conversation, or longer than --seq-len, and "
                                         "report their count (without it the first one is an error)")
-    limit: int = option(0, "use only the first N rows of each file (0: all)")
-    epochs: float = option(2.0, "passes over the training conversations")
-    max_steps: int = option(0, "optimizer steps, overriding --epochs (0: from --epochs)")
-    warmup: float = option(0.05, "share of the steps spent warming the learning rate up")
-    dropout: float = option(-1.0, "share of embeddings, attention weights and residual branches dropped while "
-                                  "training; negative: the model's config.json")
-    eval_every: int = option(0, "validate every N steps (0: ten times over the run)")
-    save_every: int = option(0, "write a checkpoint every N steps (0: at each validation)")
-    loop: TrainConfig = field(default_factory=lambda: TrainConfig(**RECIPE))
-
-    @classmethod
-    def from_settings(cls, **settings) -> SFTConfig:
-        """From flat settings, as `kogpt sft` takes them: each a field of SFTConfig or of its loop."""
-        own = {k: settings.pop(k) for k in list(settings) if k in FIELDS}
-        return cls(**own, loop=TrainConfig(**{**RECIPE, **settings}))
+    # shared settings, as sft words them or with its defaults
+    val: str = option("", "validation conversations of the same formats (default: --val-fraction of --train)",
+                      metavar="PATH")
+    val_fraction: float = redefault(ScheduledConfig, "val_fraction", 0.05)
+    warmup: float = redefault(ScheduledConfig, "warmup", 0.05)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(SFTConfig) if f.name != "loop"}  # its own settings
-RANGES = {**dict.fromkeys(("limit", "max_steps", "eval_every", "save_every"), NON_NEGATIVE), "warmup": FRACTION,
-          "val_fraction": (lambda x: 0 < x < 1, "in (0, 1)"),
-          "dropout": (lambda x: x < 1, "in [0, 1) (negative: the model's own)")}
+FIELDS = SFTConfig.own_fields()
 
 
 @dataclass
@@ -315,7 +298,7 @@ def _say(msg: str) -> None:
 
 
 def _check(sc: SFTConfig) -> None:
-    check_scheduled(sc, RANGES, ("train",))
+    check_scheduled(sc, ("train",))
     check_run_folder(Path(sc.loop.out), sc.loop.resume, sc.loop.overwrite)  # before the data and the model are read
 
 
