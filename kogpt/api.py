@@ -24,7 +24,10 @@ from .core.layout import Layout
 from .fileio import write_json
 from .hf.folder import CheckpointError, read_json, require_language_model
 from .hf.hub import resolve
-from .hf.load import load
+from .core.lora import lora_layers
+from .generation.adapters import AdapterRouter, UseAdapter
+from .hf.load import adapter_dtype, load
+from .hf.peft import adapter_base, attach_adapter, read_adapter
 from .hf.save import save_model
 from .hf.convert import generation_from_hf, generation_to_hf
 from .errors import UserError
@@ -50,6 +53,7 @@ class GenerationDefaults:
     sampling: SamplingConfig = SamplingConfig()
     max_length: int | None = 128
     max_new_tokens: int | None = None
+    pplm: dict = dataclasses.field(default_factory=dict)  # PPLM knobs measured for this model (e.g. its stepsize)
 
     @classmethod
     def for_family(cls, family: str) -> "GenerationDefaults":
@@ -106,6 +110,8 @@ class KoGPT:
     def __init__(self, model: GPT, tokenizer: Tokenizer, defaults: GenerationDefaults | None = None,
                  name: str = "kogpt"):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.adapters: dict[str, Path] = {}  # adapters served beside the base (add_adapter), by name
+        self.router: AdapterRouter | None = None  # which engine rows use which adapter (with add_adapter)
         self.step_fn: StepFn = decode_step  # the Engine's cached forward (CompiledStep with compile=True)
         self.speculate = 0  # default draft length of speculative decoding (generation/speculative.py); 0: off
         self.defaults = defaults or GenerationDefaults.for_family(model.config.family)
@@ -118,26 +124,65 @@ class KoGPT:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, revision: str | None = None,
                         device: str | None = None, dtype: str | torch.dtype | None = None,
-                        compile: bool = False) -> "KoGPT":
+                        compile: bool = False, adapter: str | os.PathLike | None = None) -> "KoGPT":
         """Load a model folder or hub id (optionally at a revision) with its tokenizer.
 
-        compile: decode with a torch.compile'd step (compiled_step.py; CUDA graphs on GPU). On CPU the
-        eager step measured faster (docs/performance.md), so it is off by default.
+        adapter: a PEFT LoRA adapter folder (or bundled adapter, e.g. kogpt-mini-chat) applied without merging,
+        in any dtype (16-bit beside int8/int4 weights). name_or_path may itself be an adapter folder: its
+        adapter_config.json names the base. compile: decode with a torch.compile'd step (compiled_step.py; CUDA
+        graphs on GPU). On CPU the eager step measured faster (docs/performance.md), so it is off by default.
         """
         folder = resolve(name_or_path, revision)
+        base = adapter_base(folder)
+        if base is not None:  # an adapter folder: load its base model with it
+            if adapter is not None:
+                raise UserError(f"{name_or_path} is an adapter itself; pass its base model with adapter=")
+            folder, adapter = resolve(base), folder
+        adapter = None if adapter is None else resolve(adapter)
         require_language_model(folder, str(name_or_path), "generate with (kogpt eval runs it)")
         device = device or default_device()
         layout = Layout.parse(dtype, plain=compile)  # torch.compile traces nn.Linear, not packed or int8 layers
-        model = load(folder, layout, device)
+        model = load(folder, layout, device, adapter=adapter)
+        if not isinstance(model, GPT):
+            raise UserError(f"{adapter} is a classifier adapter: it has no language-model head to generate with")
         tokenizer = Tokenizer.from_dir(folder)  # TokenizerError (a UserError) names the file
         _check_special_ids(model, tokenizer, folder)
         defaults = GenerationDefaults.for_family(model.config.family)
-        if (folder / "generation_config.json").exists():
-            defaults = _defaults_from(generation_from_hf(read_json(folder / "generation_config.json")))
+        config = next((f / "generation_config.json" for f in (adapter, folder)
+                       if f is not None and (f / "generation_config.json").exists()), None)
+        if config is not None:  # an adapter's own recipe (e.g. a chat tune's) wins over the base's
+            defaults = _defaults_from(read_json(config))
         gpt = cls(model, tokenizer, defaults, name=str(name_or_path))
         if compile:
             gpt.step_fn = CompiledStep(mode="reduce-overhead" if torch.device(device).type == "cuda" else None)
         return gpt
+
+    def add_adapter(self, name: str, adapter: str | os.PathLike) -> None:
+        """Serve a PEFT LoRA adapter (folder, bundled or hub name) beside the base under `name`: generation
+        with adapter=name (over HTTP: a request's model) uses it. Every adapter shares the one base forward
+        of a batch and updates only the rows that asked for it (generation/adapters.py)."""
+        if not isinstance(name, str) or not name.strip() or name == self.name or name in self.adapters:
+            raise UserError(f"adapter name {name!r} is empty or already taken (the base is {self.name!r})")
+        if any(m.active for m in lora_layers(self.model).values()):
+            raise UserError("this model was loaded with an adapter applied to every request; load the plain base "
+                            "and add each adapter by name")
+        folder = resolve(adapter)
+        found = read_adapter(folder, self.model.config)
+        if found.classifier or found.replaced:
+            raise UserError(f"{folder} is not a plain language-model adapter (it replaces "
+                            f"{', '.join(sorted(found.replaced)) or 'the head'})")
+        attach_adapter(self.model, found, name, active=False, dtype=adapter_dtype(self.model))
+        self.router = self.router or AdapterRouter(self.model)
+        self.adapters[name] = folder
+
+    def adapter_hooks(self, adapter: str | None) -> list[UseAdapter]:
+        """The hook that makes one request use adapter `adapter` ([] for the base); UserError for an unknown name."""
+        if adapter is None or adapter == self.name:
+            return []
+        if adapter not in self.adapters:
+            known = ", ".join([self.name, *self.adapters])
+            raise UserError(f"unknown adapter {adapter!r}; this model serves {known}")
+        return [UseAdapter(self.router, adapter)]
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write an HF-format folder (config, safetensors, tokenizer, generation config)."""
@@ -145,9 +190,9 @@ class KoGPT:
         save_model(self.model, folder)
         self.tokenizer.save(folder)
         d = self.defaults
-        write_json(folder / "generation_config.json",
-                   generation_to_hf(dataclasses.asdict(d.sampling), d.max_length, d.max_new_tokens,
-                                    self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id))
+        config = generation_to_hf(dataclasses.asdict(d.sampling), d.max_length, d.max_new_tokens,
+                                  self.tokenizer.bos_id, self.tokenizer.eos_id, self.tokenizer.pad_id)
+        write_json(folder / "generation_config.json", config | ({"pplm": d.pplm} if d.pplm else {}))
 
     # -- generation ----------------------------------------------------------------------------
     def options(self, steering: bool = False, **overrides) -> tuple[SamplingConfig, int | None, int | None]:
@@ -196,8 +241,9 @@ class KoGPT:
 
     def steerers(self, bow, pplm: PPLMConfig | dict | None, n: int) -> list[Steerer] | None:
         """n fresh PPLM Steerers for `bow` (a topic name or word-list file, a list of words, or a list of
-        those), or None when bow is None or pplm turns steering off (stepsize 0)."""
-        config = pplm if isinstance(pplm, PPLMConfig) else PPLMConfig.from_dict(pplm)
+        those), or None when bow is None or pplm turns steering off (stepsize 0). Knobs pplm leaves out take
+        the model's own (its generation_config.json "pplm"), else upstream PPLM's."""
+        config = pplm if isinstance(pplm, PPLMConfig) else PPLMConfig.from_dict({**self.defaults.pplm, **(pplm or {})})
         if bow is None or not config.active:
             return None
         bags = make_bags(bow, self.tokenizer)
@@ -205,22 +251,24 @@ class KoGPT:
 
     def iter_completions(self, prompts: Sequence[str], *, stop: Sequence[str] = (), seed: int | None = None,
                          num_return_sequences: int = 1, bow=None, pplm: PPLMConfig | dict | None = None,
-                         speculate: int | None = None, **options) -> Iterator[tuple[int, str, Completion | None]]:
+                         speculate: int | None = None, adapter: str | None = None, **options) -> Iterator[tuple[int, str, Completion | None]]:
         """Yield (row, text piece, None) as text is produced, then (row, "", Completion) when a row ends.
 
         Rows are the prompts, each repeated num_return_sequences times, generated as one batch.
         bow steers toward a bag of words with PPLM (steering.py; knobs in pplm); top_k defaults to 10 then.
         speculate: draft up to this many tokens per step from the text so far and verify them in one forward
         (same tokens greedy, same distribution sampling; faster when the output repeats its input); default
-        self.speculate; steered rows never speculate.
+        self.speculate; steered rows never speculate. adapter: the name of an adapter added with add_adapter
+        (None: the base).
         """
         if num_return_sequences < 1:
             raise UserError(f"num_return_sequences must be >= 1, got {num_return_sequences}")
         sampling, max_new, max_len = self.options(steering=bow is not None, **options)
         prompts = [p for p in prompts for _ in range(num_return_sequences)]
         encoded = [self.encode_prompt(p) for p in prompts]
-        steerers = self.steerers(bow, pplm, len(prompts))
-        hooks = None if steerers is None else [[s] for s in steerers]  # a Steerer is a RequestHook
+        steerers = self.steerers(bow, pplm, len(prompts)) or [None] * len(prompts)
+        self.adapter_hooks(adapter)  # an unknown name fails before any work
+        hooks = [[s for s in (steerer,) if s] + self.adapter_hooks(adapter) for steerer in steerers]
         rows = [TextStream(self.tokenizer, stop, e) for e in encoded]
         rng = None
         if seed is not None:
@@ -282,14 +330,17 @@ class KoGPT:
 
 def _defaults_from(hf: dict) -> GenerationDefaults:
     """Defaults from a generation_config.json: absent keys take transformers' defaults (greedy, no
-    penalties, top_k 50), except max_length, which is 128 (the model cards') instead of 20."""
+    penalties, top_k 50), except max_length, which is 128 (the model cards') instead of 20. kogpt's own
+    key "pplm" holds PPLM knobs measured for the model (transformers keeps unknown keys as they are)."""
+    pplm, hf = hf.get("pplm") or {}, generation_from_hf(hf)
     try:
         sampling = SamplingConfig(do_sample=False).replace(**{k: v for k, v in hf.items() if k in _SAMPLING_FIELDS})
-    except (TypeError, UserError) as e:
+        PPLMConfig.from_dict(pplm)
+    except (TypeError, AttributeError, UserError) as e:
         raise CheckpointError(f"generation_config.json: {e}") from None
     if "max_new_tokens" in hf or "max_length" in hf:
-        return GenerationDefaults(sampling, hf.get("max_length"), hf.get("max_new_tokens"))
-    return GenerationDefaults(sampling)
+        return GenerationDefaults(sampling, hf.get("max_length"), hf.get("max_new_tokens"), pplm)
+    return GenerationDefaults(sampling, pplm=pplm)
 
 
 def _check_special_ids(model: GPT, tok: Tokenizer, folder: Path) -> None:

@@ -43,11 +43,20 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # -- the layer -------------------------------------------------------------------------------------
+def linear(W: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
+    layer = nn.Linear(W.size(1), W.size(0), bias=b is not None)
+    with torch.no_grad():
+        layer.weight.copy_(W)
+        if b is not None:
+            layer.bias.copy_(b)
+    return layer
+
+
 def test_lora_linear_is_peft_math():
     torch.manual_seed(0)
     W, b, x = torch.randn(12, 8), torch.randn(12), torch.randn(3, 5, 8)
     cfg = LoRAConfig(r=2, alpha=6.0)
-    layer = LoRALinear(W.clone(), b.clone(), cfg)
+    layer = LoRALinear(linear(W, b), cfg)
     assert torch.equal(layer(x), F.linear(x, W, b))  # B starts at zero: a new adapter changes nothing
     bound = 1 / math.sqrt(8)  # kaiming_uniform(a=sqrt(5)) on fan_in 8, as peft and nn.Linear init
     assert layer.lora_A.abs().max() <= bound and layer.lora_A.std() > bound / 4
@@ -64,7 +73,7 @@ def test_grouped_slices_adapt_only_their_rows():
     """GPT-J's fused qkv with q and v adapted: three row blocks, the k block untouched."""
     torch.manual_seed(0)
     W, x = torch.randn(12, 8), torch.randn(4, 8)
-    layer = LoRALinear(W.clone(), None, LoRAConfig(r=2, alpha=2.0), groups=3, slices=(0, 2))
+    layer = LoRALinear(linear(W, None), LoRAConfig(r=2, alpha=2.0), groups=3, slices=(0, 2))
     with torch.no_grad():
         layer.lora_B.normal_()
     A = layer.lora_A.view(2, 2, 8)

@@ -155,8 +155,15 @@ def test_lora_finetune_writes_a_seq_cls_adapter(tmp_path):
     assert (head.task, head.labels, head.seq_len) == ("nsmc", read_adapter_head(run / "model")[0].labels, 64)
     with torch.no_grad():
         assert max_diff(load(tmp_path / "m", FP32)(ids), ours) < 1e-4
-    assert main(["eval", "--model", str(tmp_path / "m"), "--task", "nsmc", "--data", str(tmp_path / "nsmc.tsv"),
-                 "--limit", "20"]) == 0
+    data = ["--task", "nsmc", "--data", str(tmp_path / "nsmc.tsv"), "--limit", "20", "--dtype", "fp32"]
+    assert main(["eval", "--model", str(tmp_path / "m"), *data, "--output", str(tmp_path / "merged.json")]) == 0
+    # unmerged: kogpt eval --adapter scores with the adapter's head, as the merged folder does
+    assert main(["eval", "--model", str(base), "--adapter", str(run / "model"), *data,
+                 "--output", str(tmp_path / "adapter.json")]) == 0
+    merged, unmerged = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("merged", "adapter"))
+    assert unmerged["metrics"] == merged["metrics"]
+    for ours, theirs in zip(unmerged["predictions"], merged["predictions"], strict=True):
+        assert ours["pred"] == theirs["pred"] and ours["logprobs"] == pytest.approx(theirs["logprobs"], abs=1e-5)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gptj"])

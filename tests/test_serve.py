@@ -142,7 +142,7 @@ def ref(tiny_dir):
 @pytest.fixture(scope="module")
 def url(tiny_dir):
     with running(create_app(KoGPT.from_pretrained(tiny_dir, device="cpu"), max_batch_size=8, max_queue=32,
-                            max_body_bytes=64 * 1024)) as u:
+                            max_body_bytes=64 * 1024, served_model_name="m")) as u:
         yield u
 
 
@@ -150,7 +150,7 @@ def url(tiny_dir):
 def slow_url(tiny_dir):
     """2 slots + 1 queue place, 20 ms per step: requests stay running long enough to fill and cancel."""
     gpt = KoGPT.from_pretrained(tiny_dir, device="cpu")
-    with running(create_app(gpt, max_batch_size=2, max_queue=1, step_fn=slow_step(0.02))) as u:
+    with running(create_app(gpt, max_batch_size=2, max_queue=1, step_fn=slow_step(0.02), served_model_name="m")) as u:
         yield u
 
 
@@ -501,7 +501,7 @@ def test_engine_failure_fails_only_the_open_requests(tiny_dir):
             raise RuntimeError("boom")
         return decode_step(model, tok, cache, rows)
 
-    with running(create_app(KoGPT.from_pretrained(tiny_dir, device="cpu"), step_fn=step)) as u:
+    with running(create_app(KoGPT.from_pretrained(tiny_dir, device="cpu"), step_fn=step, served_model_name="m")) as u:
         r = httpx.post(f"{u}/v1/completions", json={"prompt": "안녕", "max_tokens": 4})
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
         broken.append(True)
@@ -564,7 +564,7 @@ def test_metrics_exposition_parses_whole_and_counts_one_request(tiny_dir, url):
     def value(families, name, **labels) -> float:
         return next(s.value for f in families.values() for s in f.samples if s.name == name and s.labels == labels)
 
-    with running(create_app(KoGPT.from_pretrained(tiny_dir, device="cpu"), max_batch_size=4)) as u:
+    with running(create_app(KoGPT.from_pretrained(tiny_dir, device="cpu"), max_batch_size=4, served_model_name="m")) as u:
         before = scrape(u)
         assert {name: f.type for name, f in before.items()} == FAMILIES
         assert before["kogpt_http_requests"].samples == []  # this app's own registry: nothing counted yet
@@ -609,7 +609,8 @@ def test_cli_serve_with_api_key_limit_and_template(tiny_dir, tmp_path):
     template.write_text(json.dumps({"system": "", "user_turn": "Q: {content}\n", "generation": "A:"}))
     port = _free_port()
     cmd = [sys.executable, "-m", "kogpt", "serve", "--model", str(tiny_dir), "--port", str(port), "--api-key", "s3cret",
-           "--max-tokens-limit", "20", "--chat-template", str(template), "--max-batch-size", "2"]
+           "--max-tokens-limit", "20", "--chat-template", str(template), "--max-batch-size", "2",
+           "--served-model-name", "m"]
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     url = f"http://127.0.0.1:{port}"
@@ -622,6 +623,7 @@ def test_cli_serve_with_api_key_limit_and_template(tiny_dir, tmp_path):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["m"]  # a folder that is not kogpt-mini: no bundled adapter
         assert c.models.list().data[0].chat_template["generation"] == "A:"
         assert c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
                                          max_tokens=3).usage.prompt_tokens == len(KoGPT.from_pretrained(

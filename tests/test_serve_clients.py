@@ -82,7 +82,8 @@ def mini_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mini_url(mini_dir, tmp_path_factory):
-    proc, url = serve(mini_dir, tmp_path_factory.mktemp("log") / "serve.log", "--dtype", "fp32")
+    proc, url = serve(mini_dir, tmp_path_factory.mktemp("log") / "serve.log", "--dtype", "fp32",
+                      "--served-model-name", "kogpt")
     yield url
     stop(proc)
 
@@ -129,18 +130,18 @@ def test_openai_client_token_id_prompts_and_echo_logprobs(mini_url):
     client = openai.OpenAI(base_url=f"{mini_url}/v1", api_key="unused", max_retries=0, timeout=60)
     tok = Tokenizer.from_dir(MINI)
     ids = tok.encode("오늘 날씨가 정말")
-    by_text = client.completions.create(model="m", prompt="오늘 날씨가 정말", max_tokens=6, temperature=0)
-    by_ids = client.completions.create(model="m", prompt=ids, max_tokens=6, temperature=0)
+    by_text = client.completions.create(model="kogpt", prompt="오늘 날씨가 정말", max_tokens=6, temperature=0)
+    by_ids = client.completions.create(model="kogpt", prompt=ids, max_tokens=6, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
-    two = client.completions.create(model="m", prompt=[ids, ids[:2]], max_tokens=3, temperature=0)
+    two = client.completions.create(model="kogpt", prompt=[ids, ids[:2]], max_tokens=3, temperature=0)
     assert [c.index for c in two.choices] == [0, 1]
-    r = client.completions.create(model="m", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    r = client.completions.create(model="kogpt", prompt=ids, max_tokens=0, echo=True, logprobs=1)
     lp = r.choices[0].logprobs
     assert r.choices[0].text == tok.decode(ids) and lp.tokens and len(lp.tokens) == len(ids)
     assert lp.token_logprobs[0] is None and all(v < 0 for v in lp.token_logprobs[1:])
     assert lp.top_logprobs[0] is None and all(len(t) == 1 for t in lp.top_logprobs[1:])
     with pytest.raises(openai.BadRequestError, match="token id 99999"):
-        client.completions.create(model="m", prompt=[ids[0], 99999], max_tokens=1)
+        client.completions.create(model="kogpt", prompt=[ids[0], 99999], max_tokens=1)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kogpt.api import KoGPT
+from kogpt.hf.folder import CheckpointError
 from kogpt.hf.load import load
 from kogpt.generation.engine import Engine, Request, generate_ids
 from kogpt.core.kv_cache import KVCache
@@ -331,3 +332,18 @@ def test_fusion_is_the_geometric_mix_on_the_logit_scale():
     torch.testing.assert_close(s.fuse(steered).softmax(-1), mix / mix.sum())
     s.unsteered = steered.clone()
     torch.testing.assert_close(s.fuse(steered), steered)
+
+
+def test_a_model_ships_its_own_steering_strength(tmp_path):
+    """kogpt-mini's generation_config.json carries its measured stepsize (upstream's 0.02 does not move a 19M
+    model; docs/steering.md); pplm= overrides it, and save_pretrained keeps it."""
+    gpt = KoGPT.from_pretrained("kogpt-mini", device="cpu", dtype="fp32")
+    assert gpt.defaults.pplm == {"stepsize": 0.1}
+    assert gpt.steerers("sports", None, 1)[0].config.stepsize == 0.1
+    assert gpt.steerers("sports", {"stepsize": 0.02, "num_iterations": 2}, 1)[0].config.stepsize == 0.02
+    assert gpt.steerers("sports", {"stepsize": 0}, 1) is None  # still turns steering off
+    gpt.save_pretrained(tmp_path / "copy")
+    assert KoGPT.from_pretrained(tmp_path / "copy", device="cpu").defaults.pplm == {"stepsize": 0.1}
+    (tmp_path / "copy" / "generation_config.json").write_text('{"pplm": {"stepsize": -1}}')
+    with pytest.raises(CheckpointError, match="generation_config.json"):
+        KoGPT.from_pretrained(tmp_path / "copy", device="cpu")

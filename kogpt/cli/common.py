@@ -25,6 +25,9 @@ def add_model_arguments(p: argparse.ArgumentParser, decodes: bool = False) -> No
                    help="model folder (HF format), bundled model name or Hugging Face hub id, e.g. skt/kogpt2-base-v2"
                         + (f" (default: {default}, bundled)" if default else ""))
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit), e.g. KoGPT6B-ryan1.5b-float16")
+    g.add_argument("--adapter", default=None, metavar="DIR",
+                   help="apply a LoRA adapter (PEFT folder, e.g. from kogpt sft --lora-r, or bundled: kogpt-mini-chat) "
+                        "without merging; works with every --dtype")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available, else cpu")
     g.add_argument("--dtype", default="auto", choices=dtypes.NAMES,
                    help="weights dtype (default: the checkpoint's); int8 = int8 weights with bf16 activations; "
@@ -136,42 +139,58 @@ def load(args: argparse.Namespace):
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     compile = getattr(args, "compile", False)  # only the commands that decode have --compile
     gpt = KoGPT.from_pretrained(args.model, revision=args.revision, device=args.device, dtype=args.dtype,
-                                compile=compile)
+                                compile=compile, adapter=args.adapter)
     gpt.speculate = getattr(args, "speculate", 0)  # the decoding commands' default for every request
     w = gpt.model.wte.weight
     print(f"loaded {args.model}: {gpt.model.config.family}, {gpt.model.config.num_params() / 1e6:.1f}M parameters, "
-          f"{str(w.dtype).removeprefix('torch.')} on {w.device}" + (", torch.compile'd decode step" if compile else ""),
-          file=sys.stderr, flush=True)
+          f"{str(w.dtype).removeprefix('torch.')} on {w.device}" + (", torch.compile'd decode step" if compile else "")
+          + (f", adapter {args.adapter}" if args.adapter else ""), file=sys.stderr, flush=True)
     return gpt
 
 
 def classifier_folder(args: argparse.Namespace):
-    """The resolved --model folder when it holds a finetuned classifier, else None."""
-    from ..hf.folder import is_classifier
+    """The resolved --model folder when it holds a finetuned classifier or --adapter is a classifier adapter
+    (a LoRA finetune's, SEQ_CLS), else None."""
     from ..hf.hub import resolve
 
     if not args.model:
         return None  # load() names the missing flag
     folder = resolve(args.model, args.revision)
-    return folder if is_classifier(folder) else None
+    return folder if classifier_head(args, folder) is not None else None
+
+
+def classifier_head(args: argparse.Namespace, folder):
+    """The Head of a classifier --adapter, else of a classifier folder; None for a language model."""
+    from ..hf.folder import is_classifier, read_head
+    from ..hf.hub import resolve
+    from ..hf.peft import read_adapter_head
+
+    found = read_adapter_head(resolve(args.adapter)) if getattr(args, "adapter", None) else None
+    if found is not None:
+        return found[0]
+    return read_head(folder)[0] if is_classifier(folder) else None
 
 
 def load_classifier(args: argparse.Namespace, folder):
-    """(Classifier, Head, Tokenizer) of a classifier folder for --device/--dtype, with status lines on stderr."""
+    """(Classifier, Head, Tokenizer) of a classifier folder (or a base + classifier --adapter) for --device/--dtype,
+    with status lines on stderr."""
     from ..api import default_device
-    from ..hf.folder import CheckpointError, read_head
+    from ..hf.folder import CheckpointError
+    from ..hf.hub import resolve
     from ..hf.load import load as load_folder
     from ..text.tokenizer import Tokenizer
 
     _check_device(args)
     print(f"loading {args.model} (finetuned classifier) ...", file=sys.stderr, flush=True)
-    head = read_head(folder)[0]
-    model = load_folder(folder, args.dtype, args.device or default_device())
+    head = classifier_head(args, folder)
+    adapter = resolve(args.adapter) if args.adapter else None
+    model = load_folder(folder, args.dtype, args.device or default_device(), adapter=adapter)
     try:
         tok = Tokenizer.from_dir(folder)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder}: no usable tokenizer (tokenizer.json, or vocab.json + merges.txt): {e}")
     w = model.gpt.wte.weight
     print(f"loaded {args.model}: {model.config.family} + {head.task or 'a'} head of {len(head.labels)} output(s), "
-          f"{str(w.dtype).removeprefix('torch.')} on {w.device}", file=sys.stderr, flush=True)
+          f"{str(w.dtype).removeprefix('torch.')} on {w.device}" + (f", adapter {args.adapter}" if adapter else ""),
+          file=sys.stderr, flush=True)
     return model, head, tok

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..fileio import check_output_file
-from .common import add_model_arguments, classifier_folder, load, load_classifier
+from .common import add_model_arguments, classifier_folder, classifier_head, load, load_classifier
 
 NAME = "eval"
 HELP = "evaluate a model: perplexity of a text file, or a benchmark few-shot (or with a finetuned model's head)"
@@ -56,7 +56,6 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.classify import check_head
     from ..fileio import write_json
-    from ..hf.folder import read_head
     from ..evaluation.fewshot import evaluate_fewshot
     from ..evaluation.finetuned import evaluate_finetuned
     from ..evaluation.perplexity import evaluate_perplexity, read_documents
@@ -82,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             if args.shots or args.fewshot_data or args.max_length:
                 raise UserError(f"{args.model} is a finetuned classifier: it uses its own head, so --shots, "
                                 f"--fewshot-data and --max-length do not apply")
-            check_head(read_head(folder)[0], task, args.model)  # before the weights load
+            check_head(classifier_head(args, folder), task, args.model)  # before the weights load
             model, head, tok = load_classifier(args, folder)
             result = evaluate_finetuned(model, head, tok, task, examples, batch_size=args.batch_size, name=args.model)
         else:

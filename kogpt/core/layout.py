@@ -4,8 +4,8 @@ The loader (kogpt.hf.load) builds the model on the meta device and streams each 
 into it: floats are cast to the layout's dtype, and each Linear becomes `make_linear(weight, bias)` as
 soon as its weight (and bias) are read, so no float copy of the whole model exists in any layout.
 A new per-layer transform is one more builder in LINEARS and its name in core/dtypes.py. LoRA
-(core/lora.py) is orthogonal to the linear kind: the layout's `lora` turns the targeted linears into
-LoRALinear over a frozen weight of the layout's dtype; the others stay the layout's kind.
+(core/lora.py) is orthogonal to the linear kind: the layout's `lora` wraps the targeted linears, frozen and
+of the layout's kind, in fresh LoRALinear adapters; the others stay the layout's kind.
 
     layout = Layout.parse("int8")  # int8 linears over bf16; Layout(torch.float32): plain fp32, for training
     layout = Layout.parse("int4-g64")  # int4 linears (64 inputs a group) over bf16
@@ -126,5 +126,5 @@ class Layout:
         a LoRALinear when the layout's LoRA targets `name` (e.g. `h.0.attn.qkv`) in a model of `family`."""
         adapted = self.lora.adapts(name, family) if self.lora else None
         if adapted:
-            return LoRALinear(weight, bias, self.lora, *adapted)
+            return LoRALinear(LINEARS[self.linear](weight, bias, self), self.lora, *adapted)
         return LINEARS[self.linear](weight, bias, self)

@@ -1,10 +1,11 @@
-"""LoRA: a frozen Linear plus a trainable low-rank update, `y = base(x) + B(A(dropout(x))) * alpha / r`.
+"""LoRA: a frozen linear layer plus a low-rank update, `y = base(x) + B(A(dropout(x))) * alpha / r`.
 
 The math and the init are PEFT's (A kaiming-uniform, B zeros, so a new adapter changes nothing). The base
-weight stays in the loaded dtype (bf16 when asked) and never trains; A and B are fp32. GPT-J's `attn.qkv`
-is HF's q_proj, k_proj and v_proj fused, so there it holds one A/B pair per adapted slice (`groups`=3):
-the same parameters, and the same logits, as PEFT's three adapters. core/layout.py builds these layers
-while the model loads; kogpt.hf.peft reads and writes them as PEFT adapter folders.
+stays in the loaded layout (bf16, int8, int4, ...) and never trains; trained A and B are fp32. GPT-J's
+`attn.qkv` is HF's q_proj, k_proj and v_proj fused, so there it holds one A/B pair per adapted slice
+(`groups`=3): the same parameters, and the same logits, as PEFT's three adapters. core/layout.py builds
+fresh ones while the model loads, kogpt.hf.peft reads and writes them as PEFT adapter folders. Several
+named adapters can sit on one base; ROUTE says which rows of a batch each one updates (multi-LoRA serving).
 
     layout = Layout(torch.bfloat16, lora=LoRAConfig.parse("attn,mlp", r=8, alpha=16))
 """
@@ -12,6 +13,9 @@ while the model loads; kogpt.hf.peft reads and writes them as PEFT adapter folde
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -77,34 +81,55 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """A frozen (out, in) weight and bias plus lora_A (n·r, in) and lora_B (n, out/groups, r) in fp32, n the
-    number of adapted slices among `groups` equal row blocks of the output."""
+    """A frozen linear layer of any kind (`base`: nn.Linear, packed, int8, int4, or another LoRALinear) plus
+    one adapter: lora_A (n·r, in) and lora_B (n, out/groups, r), n the number of adapted slices among
+    `groups` equal row blocks of the output. Trained adapters are fp32; served ones may be 16-bit.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, cfg: LoRAConfig,
-                 groups: int = 1, slices: tuple[int, ...] = (0,)):
+    Which rows of a batch get the update: all of them when no route is set (ROUTE, `routed`) and the
+    adapter is `active`; with a route, the rows it lists under this adapter's `name`. Several adapters on
+    one layer nest (each one's base is the previous), so the base forward runs once for every row."""
+
+    def __init__(self, base: nn.Module, cfg: LoRAConfig, groups: int = 1, slices: tuple[int, ...] = (0,),
+                 name: str = "default", active: bool = True):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.base = base.requires_grad_(False)
+        self.out_features, self.in_features = base.out_features, base.in_features
         self.r, self.alpha, self.scaling, self.dropout = cfg.r, cfg.alpha, cfg.alpha / cfg.r, cfg.dropout
-        self.groups, self.slices = groups, tuple(slices)
-        n, device = len(self.slices), weight.device
+        self.groups, self.slices, self.name, self.active = groups, tuple(slices), name, active
+        n, device = len(self.slices), _device(base)
         self.lora_A = nn.Parameter(torch.empty(n * cfg.r, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(n, self.out_features // groups, cfg.r, device=device))
         with torch.no_grad():
             for a in self.lora_A.view(n, cfg.r, self.in_features):
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default init of each A
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen float weight under the adapters (a plain base only)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     def pair(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the k-th adapted slice's A (r, in) and B (out/groups, r): PEFT's lora_A and lora_B."""
         return self.lora_A.view(len(self.slices), self.r, self.in_features)[k], self.lora_B[k]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        return y + self.delta(x).to(y.dtype)
+        y = self.base(x)
+        route = None if torch.compiler.is_compiling() else ROUTE.get()  # compiled steps: no routing (no --lora)
+        if route is None:
+            return y + self.delta(x).to(y.dtype) if self.active else y
+        rows = route.get(self.name)
+        if rows is None:
+            return y
+        if isinstance(rows, slice):  # every row of the batch
+            return y + self.delta(x).to(y.dtype)
+        return y.index_add(0, rows, self.delta(x.index_select(0, rows)).to(y.dtype))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """B(A(dropout(x))) * alpha / r, (..., out) in fp32."""
+        """B(A(dropout(x))) * alpha / r, (..., out) in the adapter's dtype."""
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout)
         n = len(self.slices)
@@ -114,13 +139,14 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The update the adapter adds to the weight, (out, in) in fp32: what merging adds."""
-        A = self.lora_A.view(len(self.slices), self.r, self.in_features)  # (n, r, in)
-        d = torch.einsum("nor,nri->noi", self.lora_B, A) * self.scaling  # (n, out/groups, in)
+        A = self.lora_A.float().view(len(self.slices), self.r, self.in_features)  # (n, r, in)
+        d = torch.einsum("nor,nri->noi", self.lora_B.float(), A) * self.scaling  # (n, out/groups, in)
         return self._place(d, 0).flatten(0, 1)  # (out, in)
 
     def merged_weight(self) -> torch.Tensor:
-        """The weight with the update folded in, in the weight's dtype."""
-        return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
+        """The weight with the update (and those of adapters nested below) folded in, in the weight's dtype."""
+        below = self.base.merged_weight() if isinstance(self.base, LoRALinear) else self.base.weight
+        return (below.float() + self.delta_weight()).to(below.dtype)
 
     def _place(self, d: torch.Tensor, dim: int) -> torch.Tensor:
         """d with its adapted slices put among `groups` blocks along dim (zeros where no slice is adapted)."""
@@ -132,9 +158,33 @@ class LoRALinear(nn.Module):
         return d.new_zeros(shape).index_copy(dim % d.dim(), index, d)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.r}, slices={self.slices}/{self.groups}"
+        return (f"name={self.name!r}, in={self.in_features}, out={self.out_features}, r={self.r}, "
+                f"slices={self.slices}/{self.groups}")
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """The model's LoRA layers by module name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+# which rows of the current forward each adapter updates: adapter name -> row indices (a LongTensor) or
+# slice(None) for all rows; rows under no name get the base alone. None (the default): every active adapter
+# updates every row. Set per forward by whoever knows the rows (generation/adapters.py); thread-local.
+ROUTE: ContextVar[dict[str, torch.Tensor | slice] | None] = ContextVar("kogpt_lora_route", default=None)
+
+
+@contextmanager
+def routed(route: dict[str, torch.Tensor | slice] | None) -> Iterator[None]:
+    """Run the forwards inside with this ROUTE."""
+    token = ROUTE.set(route)
+    try:
+        yield
+    finally:
+        ROUTE.reset(token)
+
+
+def _device(module: nn.Module) -> torch.device:
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def lora_layers(model: nn.Module, name: str | None = None) -> dict[str, LoRALinear]:
+    """The model's LoRA layers by module name (nested adapters' names end in `.base`), all or adapter `name`'s."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, LoRALinear) and (name is None or m.name == name)}

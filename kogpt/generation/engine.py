@@ -6,7 +6,7 @@ every running row and runs one batched cached forward. Rows keep their own lengt
 so prompts of any lengths batch without padding, and a request can join while others decode
 (continuous batching). Per-request features (PPLM, logit masks, ...) are RequestHooks (hooks.py)
 that the loop calls around the request's row without knowing what they do. A request with
-`speculate=k` (and no hooks) puts up to k drafted ids (speculative.py) after its last id in the same
+`speculate=k` (and no hooks that act per step) puts up to k drafted ids (speculative.py) after its last id in the same
 forward; the next step keeps the drafts its sampler agrees with and cuts its cache row back, so it
 emits the same tokens (greedy) or distribution (sampling) as without, often several per step. A
 request whose own prefill or hooks fail (say, out of memory) ends alone with finish "error" and the
@@ -54,7 +54,7 @@ class Request:
     key: Any = None  # the caller's handle, echoed in every Event
     logprobs: int | None = None  # report the chosen id's log-probability and this many top alternatives
     hooks: Sequence[RequestHook] = ()  # this request's own features (hooks.py), called in this order
-    speculate: int = 0  # draft up to this many ids per step (speculative.py); 0: off; ignored with hooks
+    speculate: int = 0  # draft up to this many ids per step (speculative.py); 0: off; not with per-step hooks
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,11 @@ class _Active:
     lookahead: int = 0  # ids to draft next (up to req.speculate): +2 after a fully kept draft, -1 after a miss
     generated: int = 0
     wants_ids: bool = field(init=False)
+    stepping: tuple[RequestHook, ...] = field(init=False)  # the hooks called around every step
 
     def __post_init__(self):
         self.wants_ids = bool(self.req.sampling.penalties())
+        self.stepping = tuple(h for h in self.req.hooks if h.per_step)
 
 
 class Engine:
@@ -140,9 +142,9 @@ class Engine:
         self._sample(events)
         self._draft()
         for row, a in list(self.rows.items()):
-            if a.req.hooks:
+            if a.stepping:
                 with self._failing_alone(row, events):
-                    for hook in a.req.hooks:
+                    for hook in a.stepping:
                         hook.before_step(self.model, self.cache, row, a.history)
         if self.rows:
             hi = max(self.rows) + 1  # decode rows [0, hi); free rows in between carry a dummy token
@@ -159,9 +161,9 @@ class Engine:
                 a.logits = logits[row, :1 + len(a.drafted)]
                 if len(a.drafted) < T - 1:  # the padding is no part of the row
                     self.cache.truncate(row, len(a.history) + len(a.drafted))
-                if a.req.hooks:
+                if a.stepping:
                     with self._failing_alone(row, events):
-                        a.logits = _map_logits(a.req.hooks, a.logits[0])[None]
+                        a.logits = _map_logits(a.stepping, a.logits[0])[None]
             self.cache.lengths[[r for r in range(hi) if r not in self.rows]] = 0
         return events
 
@@ -183,6 +185,8 @@ class Engine:
     def _prefill(self, req: Request, row: int, budget: int) -> torch.Tensor | None:
         """Put the prompt in cache row `row` and start the hooks; the next-token logits, or None when a
         hook holds the last prompt token back for this step's forward (its logits are sampled next step)."""
+        for hook in req.hooks:
+            hook.admit(self.cache, row)
         held = any(hook.steps_last_prompt_token for hook in req.hooks)
         prefill = list(req.ids)[:-1] if held else list(req.ids)
         logits = None
@@ -191,7 +195,7 @@ class Engine:
             logits = self.model(ids, self.cache, slice(row, row + 1), last_only=True)[0, -1]
         for hook in req.hooks:
             hook.start(self.cache, row, len(req.ids) + budget)
-        return None if held else _map_logits(req.hooks, logits)
+        return None if held else _map_logits(self.rows[row].stepping, logits)
 
     @contextmanager
     def _failing_alone(self, row: int, events: list[Event]) -> Iterator[None]:
@@ -236,7 +240,7 @@ class Engine:
 
     def _draft(self) -> None:
         """Draft ids for the requests that speculate, within their budgets and the cache's room."""
-        speculating = [a for a in self.rows.values() if a.req.speculate and not a.req.hooks]
+        speculating = [a for a in self.rows.values() if a.req.speculate and not a.stepping]
         if not speculating:
             return
         room = self.max_len - max(len(a.history) for a in self.rows.values())  # every row writes 1 + max draft

@@ -21,13 +21,19 @@ from ..core.model import GPT
 
 
 class RequestHook:
-    """What the Engine calls for one request, in order: start once the request has its cache row,
-    before_step and map_logits around each forward that gives the row's next-token logits, and
+    """What the Engine calls for one request, in order: admit when it gets its cache row, start once
+    its prompt is in, before_step and map_logits around each forward that gives the row's next-token logits, and
     finish once however the request ends (stop, length, cancel or error, even in start)."""
 
     # True: the prompt's last token goes through the first decode step (before_step, forward,
     # map_logits) instead of the prefill, so before_step acts on the first new token too (PPLM).
     steps_last_prompt_token: bool = False
+    # False: the hook acts only in admit, start and finish (e.g. picking an adapter); the loop skips its
+    # before_step and map_logits, and the request may speculate (a hook that steps never drafts).
+    per_step: bool = True
+
+    def admit(self, cache: KVCache, row: int) -> None:
+        """The request got cache row `row`; its prompt goes in next."""
 
     def start(self, cache: KVCache, row: int, max_len: int) -> None:
         """The prompt is in cache row `row` (all but its last token if steps_last_prompt_token);

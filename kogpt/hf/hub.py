@@ -13,14 +13,15 @@ from pathlib import Path
 from .folder import CONFIG_FILE, CheckpointError
 
 _HUB_METADATA = ["*.json", "*.txt", "*.model"]
+ADAPTER_FILE = "adapter_config.json"  # a PEFT adapter folder (hf/peft.py)
 BUNDLED = Path(__file__).resolve().parent.parent / "models"  # models shipped inside the package
 
 
 def bundled_models() -> list[str]:
-    """Names of the models installed with kogpt (folders with weights under kogpt/models)."""
+    """Names of the models and adapters installed with kogpt (folders under kogpt/models)."""
     if not BUNDLED.is_dir():
         return []
-    return sorted(p.name for p in BUNDLED.iterdir() if (p / CONFIG_FILE).exists())
+    return sorted(p.name for p in BUNDLED.iterdir() if (p / CONFIG_FILE).exists() or (p / ADAPTER_FILE).exists())
 
 
 def local_folder(name_or_path: str | os.PathLike) -> Path | None:

@@ -12,7 +12,6 @@ float copy of the whole model ever exists: the peak memory is the loaded model p
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 import threading
 from contextlib import contextmanager
@@ -23,10 +22,11 @@ import torch.nn as nn
 
 from ..core.classifier import Classifier
 from ..core.layout import Layout, on_meta
+from ..core.lora import LoRALinear
 from ..core.model import GPT
 from .convert import ConversionError, dtype_from_hf, from_hf, is_classifier_config
 from .folder import CONFIG_FILE, CheckpointError, load_config, read_head, read_json
-from .peft import put_adapter, read_adapter
+from .peft import attach_adapter, read_adapter
 from .weights import open_weights
 
 
@@ -35,8 +35,8 @@ def load(folder: str | os.PathLike, layout: str | Layout = "auto", device: str |
     """The model of a local HF-format folder, in eval mode: a GPT, or a Classifier when config.json names
     a *ForSequenceClassification. layout: a --dtype name (core/dtypes.NAMES; "auto": the checkpoint's dtype)
     or a Layout, e.g. Layout(torch.float32) for training (plain nn.Linear). adapter: a PEFT LoRA adapter
-    folder (hf/peft.py) to load on top: its layers become LoRALinear, and a SEQ_CLS adapter makes a
-    Classifier with the adapter's score head."""
+    folder (hf/peft.py) applied on top without merging: each targeted linear, of the layout's kind, is
+    wrapped in a LoRALinear; a SEQ_CLS adapter makes a Classifier with the adapter's score head."""
     folder = Path(folder)
     layout = layout if isinstance(layout, Layout) else Layout.parse(layout)
     raw = read_json(folder / CONFIG_FILE)
@@ -49,7 +49,7 @@ def load(folder: str | os.PathLike, layout: str | Layout = "auto", device: str |
     extra = {}  # HF name -> tensor that replaces the folder's (an adapter's modules_to_save)
     if adapter is not None:
         adapter = read_adapter(adapter, config)
-        layout, extra = dataclasses.replace(layout, lora=adapter.lora), dict(adapter.replaced)
+        extra = dict(adapter.replaced)
         if adapter.pad_token_id is not None:  # a classifier reads the last token that is not this pad
             config = config.replace(pad_token_id=adapter.pad_token_id)
         if adapter.classifier and not classifier:
@@ -76,8 +76,19 @@ def load(folder: str | os.PathLike, layout: str | Layout = "auto", device: str |
         if extra:
             raise CheckpointError(f"{adapter.folder}: the adapter replaces {sorted(extra)[0]}, "
                                   f"which the base model does not have")
-        put_adapter(model, adapter)
+        attach_adapter(model, adapter, dtype=adapter_dtype(model))
     return model.eval()
+
+
+def adapter_dtype(model: GPT | Classifier) -> torch.dtype | None:
+    """The dtype adapters are served in on this loaded model: 16-bit beside a 16-bit or quantized base in
+    the inference layouts, fp32 (None) beside plain nn.Linear (training, merging, torch.compile)."""
+    gpt = model.gpt if isinstance(model, Classifier) else model
+    layer = gpt.h[0].attn.proj
+    while isinstance(layer, LoRALinear):
+        layer = layer.base
+    dtype = gpt.wte.weight.dtype
+    return dtype if type(layer) is not nn.Linear and dtype in (torch.bfloat16, torch.float16) else None
 
 
 class _Filler:

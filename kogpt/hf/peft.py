@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core.classifier import INPUT_FORMAT, Classifier, Head
 from ..core.config import GPTConfig
-from ..core.lora import MODULES, SLICES, LoRAConfig, lora_layers
+from ..core.lora import MODULES, SLICES, LoRAConfig, LoRALinear, lora_layers
 from ..core.model import GPT
 from ..errors import UserError
 from ..fileio import atomic_write, write_json
@@ -62,6 +62,19 @@ class Adapter:
     replaced: dict[str, torch.Tensor] = field(default_factory=dict)
     folder: Path = Path()
     pad_token_id: int | None = None  # the pad id a kogpt classifier adapter was trained with (HEAD_FILE)
+
+
+def adapter_base(folder: str | os.PathLike) -> str | None:
+    """The base model an adapter folder names (base_model_name_or_path), when `folder` holds an adapter and no
+    model of its own; else None."""
+    folder = Path(folder)
+    if (folder / "config.json").exists() or not (folder / ADAPTER_CONFIG).is_file():
+        return None
+    base = read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: no base_model_name_or_path; pass the base model and "
+                              f"this folder as its adapter")
+    return base
 
 
 def read_adapter(folder: str | os.PathLike, cfg: GPTConfig) -> Adapter:
@@ -106,19 +119,34 @@ def read_adapter(folder: str | os.PathLike, cfg: GPTConfig) -> Adapter:
     return Adapter(lora, d["task_type"] == TASKS[True], pairs, replaced, folder, pad)
 
 
-def _pairs(model: GPT | Classifier) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor]]:
-    """(block `h.i`, target (a MODULES or SLICES name), A (r, in), B (out, r)) of each A/B pair of the model."""
-    for name, layer in lora_layers(model).items():
-        block, module = name.removeprefix("gpt.").rsplit(".", 2)[0], ".".join(name.split(".")[-2:])
+def _pairs(model: GPT | Classifier, name: str = "default") -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor]]:
+    """(block `h.i`, target (a MODULES or SLICES name), A (r, in), B (out, r)) of each A/B pair of adapter `name`."""
+    for path, layer in lora_layers(model, name).items():
+        path = re.sub(r"(\.base)+$", "", path.removeprefix("gpt."))  # an adapter nested under others
+        block, module = path.rsplit(".", 2)[0], ".".join(path.split(".")[-2:])
         targets = SLICES if layer.groups == len(SLICES) else (module,)
         for k, s in enumerate(layer.slices):
             yield block, targets[s], *layer.pair(k)
 
 
-def put_adapter(model: GPT | Classifier, adapter: Adapter) -> None:
-    """Copy the adapter's A and B into the model's LoRA layers (built for adapter.lora by the loader)."""
+def attach_adapter(model: GPT | Classifier, adapter: Adapter, name: str = "default", active: bool = True,
+                   dtype: torch.dtype | None = None) -> None:
+    """Wrap each linear the adapter targets (of whatever kind: plain, packed, int8, int4, or already adapted)
+    in a LoRALinear called `name` holding the adapter's A and B, frozen; dtype: theirs (default fp32).
+    active: update every row when no route is set (core/lora.ROUTE); False: only rows routed to `name`."""
+    gpt = model.gpt if isinstance(model, Classifier) else model
+    if lora_layers(model, name):
+        raise UserError(f"the model already has an adapter called {name!r}")
+    for i in range(gpt.config.n_layer):
+        for module in MODULES:
+            adapted = adapter.lora.adapts(f"h.{i}.{module}", gpt.config.family)
+            if adapted:
+                parent, _, child = f"h.{i}.{module}".rpartition(".")
+                holder = gpt.get_submodule(parent)
+                layer = LoRALinear(getattr(holder, child), adapter.lora, *adapted, name=name, active=active)
+                setattr(holder, child, layer.requires_grad_(False))
     with torch.no_grad():
-        for block, target, *params in _pairs(model):
+        for block, target, *params in _pairs(model, name):
             pair = adapter.pairs.get((block, target), {})
             for ab, param in zip("AB", params):
                 t = pair.get(ab)
@@ -127,6 +155,9 @@ def put_adapter(model: GPT | Classifier, adapter: Adapter) -> None:
                     raise CheckpointError(f"{adapter.folder}: lora_{ab} of {block}.{target} has {got}; r={adapter.lora.r} "
                                           f"({ADAPTER_CONFIG}) on this base needs {tuple(param.shape)}")
                 param.copy_(t)
+        if dtype is not None:
+            for layer in lora_layers(model, name).values():
+                layer.lora_A.data, layer.lora_B.data = layer.lora_A.to(dtype), layer.lora_B.to(dtype)
 
 
 def write_adapter(model: GPT | Classifier, folder: str | os.PathLike, base: str | None = None,
@@ -134,7 +165,7 @@ def write_adapter(model: GPT | Classifier, folder: str | os.PathLike, base: str 
     """The PEFT adapter folder of a model's LoRA layers (and a Classifier's score head, as modules_to_save),
     each file written atomically. base: the base model's name or path, recorded for peft; head: what a
     Classifier's outputs mean, written with `info` (e.g. best_step) to HEAD_FILE."""
-    layers = lora_layers(model)
+    layers = lora_layers(model, "default")
     if not layers:
         raise UserError("the model has no LoRA layers to save as an adapter")
     classifier = isinstance(model, Classifier)
@@ -179,7 +210,13 @@ def read_adapter_head(folder: str | os.PathLike) -> tuple[Head, dict] | None:
 
 def merged_state_dict(model: GPT | Classifier) -> dict[str, torch.Tensor]:
     """The model's state dict with each LoRA update folded into its weight (no lora_A / lora_B)."""
-    sd = {k: v for k, v in model.state_dict().items() if not k.endswith((".lora_A", ".lora_B"))}
+    sd = model.state_dict()
     for name, layer in lora_layers(model).items():
+        if name.endswith(".base"):
+            continue  # nested under another adapter, whose merged weight includes it
+        for key in [k for k in sd if k.startswith(f"{name}.")]:
+            del sd[key]
         sd[f"{name}.weight"] = layer.merged_weight().detach()
+        if layer.bias is not None:
+            sd[f"{name}.bias"] = layer.bias.detach()
     return sd

@@ -36,8 +36,17 @@ log = logging.getLogger("kogpt.serve")
 
 def create_app(gpt: KoGPT, *, max_batch_size: int = 8, max_queue: int = 64, max_tokens_limit: int | None = None,
                api_key: str | None = None, chat_template: ChatTemplate | None = None,
-               max_body_bytes: int = 1 << 20, step_fn=None) -> FastAPI:
-    """The server for one model; its engine thread starts now and stops with the app's lifespan."""
+               max_body_bytes: int = 1 << 20, step_fn=None, chat_model: str | None = None,
+               served_model_name: str | None = None) -> FastAPI:
+    """The server for one model and the adapters added to it (KoGPT.add_adapter), each a model of its own
+    name; its engine thread starts now and stops with the app's lifespan. served_model_name: the id the base
+    answers to (default: gpt.name). chat_model: the model /v1/chat/completions uses when a request names none
+    (default: the base)."""
+    base = served_model_name or gpt.name
+    if base in gpt.adapters:
+        raise UserError(f"the served model name {base!r} is also an adapter's")
+    if chat_model not in (None, base, *gpt.adapters):
+        raise UserError(f"chat model {chat_model!r} is neither the base ({base!r}) nor an added adapter")
     metrics = Metrics()
     scheduler = Scheduler(gpt, max_batch_size, max_queue, metrics, step_fn or gpt.step_fn)
     ctx = scheduler.max_len
@@ -45,7 +54,7 @@ def create_app(gpt: KoGPT, *, max_batch_size: int = 8, max_queue: int = 64, max_
     if limit < 1:
         raise UserError(f"max_tokens_limit must be >= 1, got {max_tokens_limit}")
     state = ServerState(gpt, scheduler, metrics, chat_template or ChatTemplate.default(), TokenText(gpt.tokenizer),
-                        gpt.name, ctx, limit, max_batch_size, max_queue)
+                        base, ctx, limit, max_batch_size, max_queue, chat_model or base)
     metrics.gauge("kogpt_queue_depth", "Sequences waiting for a free batch slot", lambda: scheduler.waiting)
     metrics.gauge("kogpt_running_sequences", "Sequences decoding now (the current batch size)", lambda: scheduler.running)
     metrics.gauge("kogpt_batch_slots", "Batch slots (--max-batch-size)", lambda: max_batch_size)

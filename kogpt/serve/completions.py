@@ -23,6 +23,7 @@ from fastapi.responses import StreamingResponse
 
 from ..errors import UserError
 from ..evaluation.scoring import prompt_scores
+from ..core.lora import routed
 from ..generation.steering import TOPICS
 from .protocol import APIError, ChatRequest, CompletionRequest, envelope, new_id, usage
 from .scheduler import Job, Piece, QueueFull, SeqSpec
@@ -33,35 +34,37 @@ log = logging.getLogger("kogpt.serve")
 router = APIRouter()
 
 
-@router.post("/v1/completions", responses=responses(Completion, 400, 401, 413, 429, stream=True))
+@router.post("/v1/completions", responses=responses(Completion, 400, 401, 404, 413, 429, stream=True))
 async def completions(request: Request, body: CompletionRequest):
     s = server(request)
+    model = s.pick(body.model)
     sent = prompt_list(body.prompt)
     prompts = prompt_ids(s, sent)
     if body.best_of not in (None, body.n):
         raise APIError(400, "best_of other than n is not supported", "best_of")
     if body.suffix:
         raise APIError(400, "suffix (insertion) is not supported", "suffix")
-    specs = plan(s, body, prompts, body.stops(), body.max_tokens, body.logprobs, "prompt")
+    specs = plan(s, body, model, prompts, body.stops(), body.max_tokens, body.logprobs, "prompt")
     echo = None
     if body.echo:  # each choice starts with its prompt: the text as sent, or the ids decoded
         echo = [Echo(p if isinstance(p, str) else s.gpt.tokenizer.decode(ids), ids) for p, ids in zip(sent, prompts)]
         if body.logprobs is not None:
-            await score_echo(s, echo, body.logprobs)
+            await score_echo(s, echo, body.logprobs, s.adapter(model))
         echo = [e for e in echo for _ in range(body.n)]
     job = Finished(specs) if body.max_tokens == 0 else submit(s, specs)
-    return await respond(s, request, body, job, specs, "text_completion", echo)
+    return await respond(s, request, body, model, job, specs, "text_completion", echo)
 
 
-@router.post("/v1/chat/completions", responses=responses(ChatCompletion, 400, 401, 413, 429, stream=True))
+@router.post("/v1/chat/completions", responses=responses(ChatCompletion, 400, 401, 404, 413, 429, stream=True))
 async def chat_completions(request: Request, body: ChatRequest):
     s = server(request)
+    model = s.pick(body.model, chat=True)
     prompt, stops = s.template.render([{"role": m.role, "content": m.text()} for m in body.messages])
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    specs = plan(s, body, [s.gpt.encode_prompt(prompt)], stops + body.stops(), max_tokens, logprobs, "messages")
+    specs = plan(s, body, model, [s.gpt.encode_prompt(prompt)], stops + body.stops(), max_tokens, logprobs, "messages")
     job = Finished(specs) if max_tokens == 0 else submit(s, specs)
-    return await respond(s, request, body, job, specs, "chat.completion")
+    return await respond(s, request, body, model, job, specs, "chat.completion")
 
 
 # -- prompts and echo -----------------------------------------------------------------------------
@@ -99,9 +102,14 @@ class Echo:
     logprobs: dict | None = None  # the legacy logprobs object of the prompt tokens
 
 
-async def score_echo(s: ServerState, echo: list[Echo], top_n: int) -> None:
-    """Score the prompts' tokens with kogpt eval's scoring (off the event loop); the first token has none."""
-    scores = await asyncio.to_thread(prompt_scores, s.gpt.model, [e.ids for e in echo], top_n)
+async def score_echo(s: ServerState, echo: list[Echo], top_n: int, adapter: str | None) -> None:
+    """Score the prompts' tokens with kogpt eval's scoring (off the event loop), through `adapter`'s layers if
+    one is named; the first token has none."""
+    def score():
+        with routed({adapter: slice(None)} if adapter else {}):
+            return prompt_scores(s.gpt.model, [e.ids for e in echo], top_n)
+
+    scores = await asyncio.to_thread(score)
     for e, sc in zip(echo, scores):
         e.logprobs = s.token_text.completion(e.ids, [None, *sc.logprobs], [None, *sc.top], 0, top_n)
 
@@ -129,9 +137,10 @@ class Finished:
 
 
 # -- request → sequences --------------------------------------------------------------------------
-def plan(s: ServerState, body, prompts: list[list[int]], stops: list[str], max_tokens: int | None,
+def plan(s: ServerState, body, model: str, prompts: list[list[int]], stops: list[str], max_tokens: int | None,
          logprobs: int | None, prompt_param: str) -> list[SeqSpec]:
-    """One SeqSpec per prompt and choice, or the APIError (400) naming the first option out of bounds."""
+    """One SeqSpec per prompt and choice for served model `model`, or the APIError (400) naming the first
+    option out of bounds."""
     gpt, ctx, limit = s.gpt, s.ctx, s.limit
     if body.presence_penalty or body.frequency_penalty:
         raise APIError(400, "presence_penalty and frequency_penalty are not supported; use repetition_penalty",
@@ -171,8 +180,8 @@ def plan(s: ServerState, body, prompts: list[list[int]], stops: list[str], max_t
             budget = max_tokens
         for j in range(body.n):
             seed = None if body.seed is None else (body.seed + j) % (1 << 64)  # torch takes 64-bit seeds
-            specs.append(SeqSpec(ids, budget, sampling, stops, seed, logprobs,
-                                 None if steer is None else steer[len(specs)],
+            hooks = ([] if steer is None else [steer[len(specs)]]) + gpt.adapter_hooks(s.adapter(model))
+            specs.append(SeqSpec(ids, budget, sampling, stops, seed, logprobs, tuple(hooks),
                                  gpt.speculate if body.speculate is None else body.speculate))
     return specs
 
@@ -185,16 +194,17 @@ def submit(s: ServerState, specs: list[SeqSpec]) -> Job:
 
 
 # -- sequences → response -------------------------------------------------------------------------
-async def respond(s: ServerState, request: Request, body, job: Job | Finished, specs: list[SeqSpec], kind: str,
-                  echo: list[Echo] | None = None):
-    """The whole response as one JSON body, or (body.stream) the SSE stream of its pieces."""
+async def respond(s: ServerState, request: Request, body, model: str, job: Job | Finished, specs: list[SeqSpec],
+                  kind: str, echo: list[Echo] | None = None):
+    """The whole response (of served model `model`) as one JSON body, or (body.stream) the SSE stream of its
+    pieces."""
     rid, created = new_id("cmpl" if kind == "text_completion" else "chatcmpl"), int(time.time())
     chat = kind == "chat.completion"
     top_n = specs[0].logprobs
     want_lp = top_n is not None
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return _SSE(job, sse(s, job, rid, created, chat, echo, top_n, include_usage))
+        return _SSE(job, sse(s, model, job, rid, created, chat, echo, top_n, include_usage))
     watcher = asyncio.create_task(_disconnected(request.receive, job))
     texts, tokens, lps, tops = ([[] for _ in specs] for _ in range(4))
     finish, completion_tokens = [None] * len(specs), 0
@@ -222,13 +232,13 @@ async def respond(s: ServerState, request: Request, body, job: Job | Finished, s
             lp = s.token_text.completion(tokens[i], lps[i], tops[i], len(prompt), top_n) if want_lp else None
             lp = join_logprobs(echo[i].logprobs, lp) if echo else lp
             choices.append({"index": i, "text": prompt + text, "logprobs": lp, "finish_reason": finish[i]})
-    out = envelope(kind, rid, s.model_id, choices, created)
+    out = envelope(kind, rid, model, choices, created)
     out["usage"] = usage(job.prompt_tokens, completion_tokens)
     return out
 
 
-async def sse(s: ServerState, job: Job | Finished, rid: str, created: int, chat: bool, echo: list[Echo] | None,
-              top_n: int | None, include_usage: bool):
+async def sse(s: ServerState, model: str, job: Job | Finished, rid: str, created: int, chat: bool,
+              echo: list[Echo] | None, top_n: int | None, include_usage: bool):
     """The SSE chunks of a job; an engine failure mid-stream becomes an error chunk, as OpenAI does.
 
     With echo, a choice's first chunk carries its prompt (and the prompt's logprobs) before its first
@@ -240,7 +250,7 @@ async def sse(s: ServerState, job: Job | Finished, rid: str, created: int, chat:
     completion_tokens = 0
 
     def chunk(choices: list[dict], **extra) -> bytes:
-        data = dict(envelope(kind, rid, s.model_id, choices, created), **extra)
+        data = dict(envelope(kind, rid, model, choices, created), **extra)
         return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
 
     try:

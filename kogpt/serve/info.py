@@ -14,7 +14,6 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
-from .protocol import APIError
 from .schema import Health, ModelCard, ModelList, errors, responses
 from .state import ServerState, server
 
@@ -44,23 +43,24 @@ async def prometheus(request: Request):
 
 @router.get("/v1/models", responses=responses(ModelList, 401))
 async def models(request: Request):
-    return {"object": "list", "data": [model_card(server(request))]}
+    s = server(request)
+    return {"object": "list", "data": [model_card(s, m) for m in s.models()]}
 
 
 @router.get("/v1/models/{name:path}", responses=responses(ModelCard, 401, 404))
 async def model(name: str, request: Request):
     s = server(request)
-    if name != s.model_id:
-        raise APIError(404, f"model {name!r} not found; this server serves {s.model_id!r}", "model",
-                       "model_not_found", type="not_found_error")
-    return model_card(s)
+    return model_card(s, s.pick(name))
 
 
-def model_card(s: ServerState) -> dict:
+def model_card(s: ServerState, model: str) -> dict:
     sampling = s.gpt.defaults.sampling
-    return {"id": s.model_id, "object": "model", "created": 0, "owned_by": "kogpt", "max_model_len": s.ctx,
-            "max_tokens_limit": s.limit,
+    adapter = s.adapter(model)
+    note = ("base model without a chat template of its own: /v1/chat/completions renders messages with this template"
+            if adapter is None else "adapter: /v1/chat/completions renders messages with this template")
+    return {"id": model, "object": "model", "created": 0, "owned_by": "kogpt",
+            "parent": None if adapter is None else s.model_id, "chat_default": model == s.chat_model,
+            "max_model_len": s.ctx, "max_tokens_limit": s.limit,
             "defaults": {"temperature": sampling.temperature if sampling.do_sample else 0.0, "top_p": sampling.top_p,
                          "top_k": sampling.top_k, "repetition_penalty": sampling.repetition_penalty},
-            "chat_template": dict(s.template.describe(), note="base model without a chat template of its own: "
-                                  "/v1/chat/completions renders messages with this template")}
+            "chat_template": dict(s.template.describe(), note=note)}

@@ -50,7 +50,7 @@ class PPLMOptions(_Strict):
 
 
 class _Common(_Strict):
-    model: str | None = None  # any name is accepted; responses carry the served model's id
+    model: str | None = None  # the base's id or an adapter's name (GET /v1/models); unset: the default
     max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = Field(None, ge=0, le=2)  # 0 = greedy; unset = the model's default
     top_p: float | None = Field(None, gt=0, le=1)

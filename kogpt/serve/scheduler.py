@@ -27,7 +27,7 @@ from ..api import KoGPT, TextStream
 from ..errors import UserError
 from ..generation.engine import Engine, Event, Request
 from ..generation.sampling import SamplingConfig
-from ..generation.steering import Steerer
+from ..generation.hooks import RequestHook
 from .telemetry import Metrics
 
 log = logging.getLogger("kogpt.serve")
@@ -47,7 +47,7 @@ class SeqSpec:
     stop: Sequence[str] = ()
     seed: int | None = None
     logprobs: int | None = None  # report log-probabilities, with this many top alternatives
-    steer: Steerer | None = None  # PPLM steering state (one per sequence)
+    hooks: tuple[RequestHook, ...] = ()  # this sequence's own features: PPLM steering, its adapter
     speculate: int = 0  # speculative decoding's draft length (kogpt.generation.speculative); 0: off
 
 
@@ -231,7 +231,7 @@ class Scheduler:
             stream = TextStream(self.gpt.tokenizer, spec.stop, spec.ids)  # prompt as left context
             rng = None if spec.seed is None else torch.Generator(device).manual_seed(spec.seed)
             req = Request(spec.ids, spec.max_new_tokens, spec.sampling, self.eos, rng, stream.push, key, spec.logprobs,
-                          () if spec.steer is None else (spec.steer,), spec.speculate)
+                          spec.hooks, spec.speculate)
             self._seqs[key] = _Seq(job, i, spec, stream)
             self.engine.submit(req)  # prompts were checked by the handler; errors fail the job (_drain)
 

@@ -99,12 +99,15 @@ class ChatCompletion(BaseModel):
 
 
 class ModelCard(BaseModel):
-    """GET /v1/models/{name}: the served model, its limits, sampling defaults and chat template."""
+    """GET /v1/models/{name}: a served model (the base or an adapter), its limits, sampling defaults and chat
+    template."""
 
     id: str
     object: Literal["model"]
     created: int
     owned_by: str
+    parent: str | None  # an adapter's base model (vLLM's field); None for the base
+    chat_default: bool  # the model /v1/chat/completions uses when a request names none
     max_model_len: int
     max_tokens_limit: int
     defaults: dict[str, float | int | None]
