@@ -12,14 +12,25 @@ from pathlib import Path
 
 import pexpect
 import pytest
+import torch
 
+from kogpt.data.chats import read_conversations
+from kogpt.evaluation.tasks.base import split_examples
 from kogpt.hf.folder import load_config
 from kogpt.hf.hub import BUNDLED, bundled_models
+from kogpt.hf.load import load
+from kogpt.hf.peft import read_adapter
 from kogpt.core.config import GPTConfig
+from kogpt.core.lora import MODULES
+from kogpt.text.chat import ChatTemplate
+from kogpt.text.tokenizer import Tokenizer
+from kogpt.training.sft import SPLIT_SEED
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = BUNDLED / "kogpt-mini"
+CHAT = BUNDLED / "kogpt-mini-chat"  # a LoRA adapter on kogpt-mini (its README.md: how it was trained)
 LITERATURE = ROOT.parent / "shared" / "data" / "corpus" / "literature"
+CHATBOT = ROOT.parent / "shared" / "data" / "corpus" / "chatbot" / "ChatbotData.csv"  # kogpt-mini-chat's training file
 OFFLINE = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", NO_PROXY="*",
                HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")  # any network use fails
 
@@ -78,3 +89,41 @@ def test_bundled_model_compresses_unseen_korean_better_than_xz(tmp_path):
     bpb = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))["metrics"]["bits_per_byte"]
     xz = 8 * len(lzma.compress(text.read_bytes(), preset=9 | lzma.PRESET_EXTREME)) / len(text.read_bytes())
     assert bpb < xz, (bpb, xz)
+
+
+def test_kogpt_mini_chat_is_a_peft_lora_adapter_for_kogpt_mini():
+    config = json.loads((CHAT / "adapter_config.json").read_text(encoding="utf-8"))
+    assert (config["peft_type"], config["task_type"], config["base_model_name_or_path"]) == ("LORA", "CAUSAL_LM",
+                                                                                          "kogpt-mini")
+    adapter = read_adapter(CHAT, load_config(MINI))
+    assert adapter.lora.r == 16 and adapter.lora.alpha == 32
+    assert set(adapter.lora.targets) == set(MODULES) and not adapter.classifier and not adapter.replaced
+    assert len(adapter.pairs) == load_config(MINI).n_layer * len(MODULES)
+    assert (CHAT / "adapter_model.safetensors").stat().st_size <= 5e6  # a few MB inside the package
+    assert (CHAT / "README.md").is_file()
+    assert "kogpt-mini-chat" in bundled_models()  # by name: --adapter kogpt-mini-chat
+
+
+def answer_loss(model, conversations, tok) -> float:
+    """Mean NLL of the tokens the chat template marks as the model's (the replies and their EOS), all
+    conversations right-padded into one batch (causal: padding after a token does not change its logits)."""
+    encoded = [ChatTemplate.default().encode(c.messages, tok) for c in conversations]
+    T = max(len(ids) for ids, _ in encoded)
+    x = torch.tensor([ids + [tok.pad_id or 0] * (T - len(ids)) for ids, _ in encoded])  # (B, T)
+    keep = torch.tensor([mask[1:] + [False] * (T - len(mask)) for _, mask in encoded])  # (B, T-1)
+    with torch.inference_mode():
+        logp = model(x[:, :-1]).float().log_softmax(-1)  # (B, T-1, V)
+    return -logp.gather(-1, x[:, 1:, None])[..., 0][keep].mean().item()
+
+
+def test_kogpt_mini_chat_answers_held_out_conversations_better_than_the_base():
+    if not CHATBOT.is_file():
+        pytest.skip("../shared/data/corpus is not beside the repository")
+    conversations, _ = read_conversations(CHATBOT)
+    # kogpt sft's validation split (--val-fraction 0.05, no --val; same seeded permutation, same count): not trained on
+    _, held_out = split_examples(conversations, 0.05, SPLIT_SEED)
+    held_out = held_out[:16]
+    tok = Tokenizer.from_dir(MINI)
+    base = answer_loss(load(MINI, "fp32"), held_out, tok)
+    chat = answer_loss(load(MINI, "fp32", adapter=CHAT), held_out, tok)
+    assert chat < base, (chat, base)
