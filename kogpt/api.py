@@ -24,7 +24,7 @@ from .core.layout import Layout
 from .fileio import write_json
 from .hf.folder import CheckpointError, read_json, require_language_model
 from .hf.hub import resolve
-from .core.lora import lora_layers
+from .core.lora import lora_banks
 from .generation.adapters import AdapterRouter, UseAdapter
 from .hf.load import adapter_dtype, load
 from .hf.peft import adapter_base, attach_adapter, read_adapter
@@ -163,7 +163,7 @@ class KoGPT:
         of a batch and updates only the rows that asked for it (generation/adapters.py)."""
         if not isinstance(name, str) or not name.strip() or name == self.name or name in self.adapters:
             raise UserError(f"adapter name {name!r} is empty or already taken (the base is {self.name!r})")
-        if any(m.active for m in lora_layers(self.model).values()):
+        if any(bank.always for bank in lora_banks(self.model).values()):
             raise UserError("this model was loaded with an adapter applied to every request; load the plain base "
                             "and add each adapter by name")
         folder = resolve(adapter)
@@ -171,18 +171,22 @@ class KoGPT:
         if found.classifier or found.replaced:
             raise UserError(f"{folder} is not a plain language-model adapter (it replaces "
                             f"{', '.join(sorted(found.replaced)) or 'the head'})")
-        attach_adapter(self.model, found, name, active=False, dtype=adapter_dtype(self.model))
+        attach_adapter(self.model, found, len(self.adapters), always=False, dtype=adapter_dtype(self.model))
         self.router = self.router or AdapterRouter(self.model)
         self.adapters[name] = folder
+
+    def adapter_index(self, adapter: str) -> int:
+        """The index of an added adapter (core/lora.ROUTE's ids); UserError for an unknown name."""
+        if adapter not in self.adapters:
+            known = ", ".join([self.name, *self.adapters])
+            raise UserError(f"unknown adapter {adapter!r}; this model serves {known}")
+        return list(self.adapters).index(adapter)
 
     def adapter_hooks(self, adapter: str | None) -> list[UseAdapter]:
         """The hook that makes one request use adapter `adapter` ([] for the base); UserError for an unknown name."""
         if adapter is None or adapter == self.name:
             return []
-        if adapter not in self.adapters:
-            known = ", ".join([self.name, *self.adapters])
-            raise UserError(f"unknown adapter {adapter!r}; this model serves {known}")
-        return [UseAdapter(self.router, adapter)]
+        return [UseAdapter(self.router, self.adapter_index(adapter))]
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write an HF-format folder (config, safetensors, tokenizer, generation config)."""

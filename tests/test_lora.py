@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kogpt.core.classifier import Classifier
 from kogpt.core.layout import Layout
-from kogpt.core.lora import MODULES, LoRAConfig, LoRALinear, lora_layers
+from kogpt.core.lora import MODULES, LoRAConfig, LoRALinear, lora_banks, lora_layers
 from kogpt.errors import UserError
 from kogpt.hf.folder import CheckpointError
 from kogpt.hf.load import load
@@ -149,9 +149,10 @@ def test_kogpt_loads_peft_adapter(hf_model, hf_dir, family, tmp_path):
     hf.save_pretrained(tmp_path / "adapter")
     model = load(hf_dir, FP32, adapter=tmp_path / "adapter")
     want = {"gpt2": ["attn.qkv", "mlp.proj"], "gptj": ["attn.proj", "attn.qkv", "mlp.fc"]}[family]
-    assert sorted({n.split(".", 2)[2] for n in lora_layers(model)}) == want
-    if family == "gptj":
-        assert model.h[0].attn.qkv.slices == (0, 2)  # q and v of the fused qkv
+    assert sorted({n.split(".", 2)[2] for n in lora_banks(model)}) == want
+    if family == "gptj":  # q and v of the fused qkv: its k block gets no update
+        B = model.h[0].attn.qkv.Bt.t()
+        assert B[64:128].abs().max() == 0 and B[:64].abs().max() > 0 and B[128:].abs().max() > 0
     with torch.no_grad():
         assert max_diff(model(IDS), hf.eval()(IDS).logits) < 1e-4
 

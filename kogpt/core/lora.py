@@ -4,8 +4,9 @@ The math and the init are PEFT's (A kaiming-uniform, B zeros, so a new adapter c
 stays in the loaded layout (bf16, int8, int4, ...) and never trains; trained A and B are fp32. GPT-J's
 `attn.qkv` is HF's q_proj, k_proj and v_proj fused, so there it holds one A/B pair per adapted slice
 (`groups`=3): the same parameters, and the same logits, as PEFT's three adapters. core/layout.py builds
-fresh ones while the model loads, kogpt.hf.peft reads and writes them as PEFT adapter folders. Several
-named adapters can sit on one base; ROUTE says which rows of a batch each one updates (multi-LoRA serving).
+fresh ones while the model loads, and kogpt.hf.peft writes them as PEFT adapter folders. Adapters read for
+inference (one, or many over one base: multi-LoRA serving) are frozen into a LoRABank per layer, where ROUTE
+says which rows of a batch each one updates.
 
     layout = Layout(torch.bfloat16, lora=LoRAConfig.parse("attn,mlp", r=8, alpha=16))
 """
@@ -81,21 +82,16 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer of any kind (`base`: nn.Linear, packed, int8, int4, or another LoRALinear) plus
-    one adapter: lora_A (n·r, in) and lora_B (n, out/groups, r), n the number of adapted slices among
-    `groups` equal row blocks of the output. Trained adapters are fp32; served ones may be 16-bit.
+    """A trainable adapter over a frozen linear layer of any kind (`base`): lora_A (n·r, in) and lora_B
+    (n, out/groups, r) in fp32, n the number of adapted slices among `groups` equal row blocks of the output.
+    What training builds (core/layout.py) and PEFT folders are written from; served adapters are LoRABank's."""
 
-    Which rows of a batch get the update: all of them when no route is set (ROUTE, `routed`) and the
-    adapter is `active`; with a route, the rows it lists under this adapter's `name`. Several adapters on
-    one layer nest (each one's base is the previous), so the base forward runs once for every row."""
-
-    def __init__(self, base: nn.Module, cfg: LoRAConfig, groups: int = 1, slices: tuple[int, ...] = (0,),
-                 name: str = "default", active: bool = True):
+    def __init__(self, base: nn.Module, cfg: LoRAConfig, groups: int = 1, slices: tuple[int, ...] = (0,)):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.out_features, self.in_features = base.out_features, base.in_features
         self.r, self.alpha, self.scaling, self.dropout = cfg.r, cfg.alpha, cfg.alpha / cfg.r, cfg.dropout
-        self.groups, self.slices, self.name, self.active = groups, tuple(slices), name, active
+        self.groups, self.slices = groups, tuple(slices)
         n, device = len(self.slices), _device(base)
         self.lora_A = nn.Parameter(torch.empty(n * cfg.r, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(n, self.out_features // groups, cfg.r, device=device))
@@ -105,7 +101,7 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The frozen float weight under the adapters (a plain base only)."""
+        """The frozen float weight under the adapter (a plain base only)."""
         return self.base.weight
 
     @property
@@ -118,60 +114,117 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        route = None if torch.compiler.is_compiling() else ROUTE.get()  # compiled steps: no routing (no --lora)
-        if route is None:
-            return y + self.delta(x).to(y.dtype) if self.active else y
-        rows = route.get(self.name)
-        if rows is None:
-            return y
-        if isinstance(rows, slice):  # every row of the batch
-            return y + self.delta(x).to(y.dtype)
-        return y.index_add(0, rows, self.delta(x.index_select(0, rows)).to(y.dtype))
+        return y + self.delta(x).to(y.dtype)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """B(A(dropout(x))) * alpha / r, (..., out) in the adapter's dtype."""
+        """B(A(dropout(x))) * alpha / r, (..., out) in fp32."""
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout)
         n = len(self.slices)
         a = F.linear(x.to(self.lora_A.dtype), self.lora_A).unflatten(-1, (n, self.r))  # (..., n, r)
         d = torch.einsum("...nr,nor->...no", a, self.lora_B) * self.scaling  # (..., n, out/groups)
-        return self._place(d, -2).flatten(-2)  # (..., out)
+        return place(d, -2, self.slices, self.groups).flatten(-2)  # (..., out)
 
     def delta_weight(self) -> torch.Tensor:
         """The update the adapter adds to the weight, (out, in) in fp32: what merging adds."""
-        A = self.lora_A.float().view(len(self.slices), self.r, self.in_features)  # (n, r, in)
-        d = torch.einsum("nor,nri->noi", self.lora_B.float(), A) * self.scaling  # (n, out/groups, in)
-        return self._place(d, 0).flatten(0, 1)  # (out, in)
+        A = self.lora_A.view(len(self.slices), self.r, self.in_features)  # (n, r, in)
+        d = torch.einsum("nor,nri->noi", self.lora_B, A) * self.scaling  # (n, out/groups, in)
+        return place(d, 0, self.slices, self.groups).flatten(0, 1)  # (out, in)
 
     def merged_weight(self) -> torch.Tensor:
-        """The weight with the update (and those of adapters nested below) folded in, in the weight's dtype."""
-        below = self.base.merged_weight() if isinstance(self.base, LoRALinear) else self.base.weight
-        return (below.float() + self.delta_weight()).to(below.dtype)
-
-    def _place(self, d: torch.Tensor, dim: int) -> torch.Tensor:
-        """d with its adapted slices put among `groups` blocks along dim (zeros where no slice is adapted)."""
-        if len(self.slices) == self.groups:
-            return d
-        shape = list(d.shape)
-        shape[dim] = self.groups
-        index = torch.tensor(self.slices, device=d.device)
-        return d.new_zeros(shape).index_copy(dim % d.dim(), index, d)
+        """The weight with the update folded in, in the weight's dtype."""
+        return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
 
     def extra_repr(self) -> str:
-        return (f"name={self.name!r}, in={self.in_features}, out={self.out_features}, r={self.r}, "
-                f"slices={self.slices}/{self.groups}")
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, slices={self.slices}/{self.groups}"
 
 
-# which rows of the current forward each adapter updates: adapter name -> row indices (a LongTensor) or
-# slice(None) for all rows; rows under no name get the base alone. None (the default): every active adapter
-# updates every row. Set per forward by whoever knows the rows (generation/adapters.py); thread-local.
-ROUTE: ContextVar[dict[str, torch.Tensor | slice] | None] = ContextVar("kogpt_lora_route", default=None)
+def place(d: torch.Tensor, dim: int, slices: tuple[int, ...], groups: int) -> torch.Tensor:
+    """d with its adapted slices put among `groups` blocks along dim (zeros where no slice is adapted)."""
+    if len(slices) == groups:
+        return d
+    shape = list(d.shape)
+    shape[dim] = groups
+    index = torch.tensor(slices, device=d.device)
+    return d.new_zeros(shape).index_copy(dim % d.dim(), index, d)
+
+
+class LoRABank(nn.Module):
+    """Frozen adapters for inference over a frozen linear layer of any kind (plain, packed, int8, int4).
+
+    Adapter k's update is `(x A_k^T) B_k^T` with alpha / r folded into B_k, where A_k (R_k, in) stacks its
+    slices' A and B_k (out, R_k) places their B in the output blocks they adapt. All adapters sit side by
+    side along the rank (`A` (R, in), `Bt` = B^T (R, out), `owner` (R,): the adapter of each rank column),
+    so one pair of matmuls updates a whole batch whose rows use different adapters: ROUTE gives each row's
+    adapter, and the columns of the others are masked out. With no ROUTE the `always` adapters update
+    every row (a model loaded with one adapter)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.out_features, self.in_features = base.out_features, base.in_features
+        device = _device(base)
+        self.register_buffer("A", torch.empty(0, self.in_features, device=device))
+        self.register_buffer("Bt", torch.empty(0, self.out_features, device=device))
+        self.register_buffer("owner", torch.empty(0, dtype=torch.long, device=device))
+        self.always: tuple[int, ...] = ()
+        self.always_cols: torch.Tensor | None = None  # the `always` adapters' columns (None: all of them)
+
+    def add(self, index: int, A: torch.Tensor, B: torch.Tensor, always: bool, dtype: torch.dtype) -> None:
+        """Adapter `index`: A (R_k, in), B (out, R_k) with its scaling folded in, held in `dtype`."""
+        self.A = torch.cat([self.A.to(dtype), A.to(self.A.device, dtype)])
+        self.Bt = torch.cat([self.Bt.to(dtype), B.t().to(self.Bt.device, dtype)])
+        self.owner = torch.cat([self.owner, self.owner.new_full((A.size(0),), index)])
+        self.always += (index,) if always else ()
+        every = bool(torch.isin(self.owner, torch.tensor(self.always, dtype=torch.long, device=self.owner.device)).all())
+        self.always_cols = None if every else torch.isin(self.owner, self.owner.new_tensor(self.always))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        ids = None if torch.compiler.is_compiling() else ROUTE.get()  # compiled steps serve `always` only
+        if ids is None:
+            if not self.always:
+                return y
+            mask = self.always_cols  # None: every column is always on
+        elif ids.dim() == 0:  # every row: one adapter
+            mask = self.owner == ids
+        else:  # ids (B,): each row's adapter (-1: none)
+            mask = ids.view(-1, *[1] * (x.dim() - 1)) == self.owner  # (B, 1, .., R)
+        h = F.linear(x.to(self.A.dtype), self.A)  # (..., R)
+        if mask is not None:
+            h = h * mask
+        return y + (h @ self.Bt).to(y.dtype)
+
+    def delta_weight(self, index: int) -> torch.Tensor:
+        """Adapter `index`'s update of the weight, (out, in) in fp32."""
+        cols = self.owner == index
+        return self.Bt[cols].float().t() @ self.A[cols].float()
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight with the `always` adapters folded in, in the weight's dtype (a plain base only)."""
+        w = self.base.weight
+        return (w.float() + sum((self.delta_weight(k) for k in self.always), torch.zeros_like(w, dtype=torch.float))
+                ).to(w.dtype)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, adapters={sorted(set(self.owner.tolist()))}, "
+                f"rank={self.A.size(0)}, always={self.always}")
+
+
+# each row's adapter in the current forward: a LongTensor (B,) of adapter indices (-1: the base alone), or a
+# 0-dim one for every row; None (the default): each LoRABank's `always` adapters. Set per forward by whoever
+# knows the rows (generation/adapters.py, `routed`); a context variable, so per thread.
+ROUTE: ContextVar[torch.Tensor | None] = ContextVar("kogpt_lora_route", default=None)
 
 
 @contextmanager
-def routed(route: dict[str, torch.Tensor | slice] | None) -> Iterator[None]:
+def routed(ids: torch.Tensor | None) -> Iterator[None]:
     """Run the forwards inside with this ROUTE."""
-    token = ROUTE.set(route)
+    token = ROUTE.set(ids)
     try:
         yield
     finally:
@@ -184,7 +237,11 @@ def _device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def lora_layers(model: nn.Module, name: str | None = None) -> dict[str, LoRALinear]:
-    """The model's LoRA layers by module name (nested adapters' names end in `.base`), all or adapter `name`'s."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, LoRALinear) and (name is None or m.name == name)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's trainable LoRA layers by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_banks(model: nn.Module) -> dict[str, LoRABank]:
+    """The model's served adapter layers by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRABank)}

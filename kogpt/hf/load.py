@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from ..core.classifier import Classifier
 from ..core.layout import Layout, on_meta
-from ..core.lora import LoRALinear
+from ..core.lora import LoRABank, LoRALinear
 from ..core.model import GPT
 from .convert import ConversionError, dtype_from_hf, from_hf, is_classifier_config
 from .folder import CONFIG_FILE, CheckpointError, load_config, read_head, read_json
@@ -36,7 +36,7 @@ def load(folder: str | os.PathLike, layout: str | Layout = "auto", device: str |
     a *ForSequenceClassification. layout: a --dtype name (core/dtypes.NAMES; "auto": the checkpoint's dtype)
     or a Layout, e.g. Layout(torch.float32) for training (plain nn.Linear). adapter: a PEFT LoRA adapter
     folder (hf/peft.py) applied on top without merging: each targeted linear, of the layout's kind, is
-    wrapped in a LoRALinear; a SEQ_CLS adapter makes a Classifier with the adapter's score head."""
+    the base of a LoRABank holding the adapter; a SEQ_CLS adapter makes a Classifier with the adapter's score head."""
     folder = Path(folder)
     layout = layout if isinstance(layout, Layout) else Layout.parse(layout)
     raw = read_json(folder / CONFIG_FILE)
@@ -81,14 +81,15 @@ def load(folder: str | os.PathLike, layout: str | Layout = "auto", device: str |
 
 
 def adapter_dtype(model: GPT | Classifier) -> torch.dtype | None:
-    """The dtype adapters are served in on this loaded model: 16-bit beside a 16-bit or quantized base in
-    the inference layouts, fp32 (None) beside plain nn.Linear (training, merging, torch.compile)."""
+    """The dtype adapters are served in on this loaded model: fp32 (None) on the CPU, where rank-16 matmuls
+    run 3-6x faster in fp32 than in bf16 (docs/finetune.md) and the adapters are small; on a GPU, the
+    embeddings' 16-bit dtype beside a 16-bit or quantized base."""
     gpt = model.gpt if isinstance(model, Classifier) else model
+    w = gpt.wte.weight
     layer = gpt.h[0].attn.proj
-    while isinstance(layer, LoRALinear):
-        layer = layer.base
-    dtype = gpt.wte.weight.dtype
-    return dtype if type(layer) is not nn.Linear and dtype in (torch.bfloat16, torch.float16) else None
+    layer = layer.base if isinstance(layer, (LoRABank, LoRALinear)) else layer
+    sixteen = type(layer) is not nn.Linear and w.dtype in (torch.bfloat16, torch.float16)
+    return w.dtype if sixteen and w.device.type != "cpu" else None
 
 
 class _Filler:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core.classifier import INPUT_FORMAT, Classifier, Head
 from ..core.config import GPTConfig
-from ..core.lora import MODULES, SLICES, LoRAConfig, LoRALinear, lora_layers
+from ..core.lora import MODULES, SLICES, LoRABank, LoRAConfig, lora_banks, lora_layers
 from ..core.model import GPT
 from ..errors import UserError
 from ..fileio import atomic_write, write_json
@@ -119,45 +119,55 @@ def read_adapter(folder: str | os.PathLike, cfg: GPTConfig) -> Adapter:
     return Adapter(lora, d["task_type"] == TASKS[True], pairs, replaced, folder, pad)
 
 
-def _pairs(model: GPT | Classifier, name: str = "default") -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor]]:
-    """(block `h.i`, target (a MODULES or SLICES name), A (r, in), B (out, r)) of each A/B pair of adapter `name`."""
-    for path, layer in lora_layers(model, name).items():
-        path = re.sub(r"(\.base)+$", "", path.removeprefix("gpt."))  # an adapter nested under others
-        block, module = path.rsplit(".", 2)[0], ".".join(path.split(".")[-2:])
+def _pairs(model: GPT | Classifier) -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor]]:
+    """(block `h.i`, target (a MODULES or SLICES name), A (r, in), B (out, r)) of each A/B pair of the model."""
+    for name, layer in lora_layers(model).items():
+        block, module = name.removeprefix("gpt.").rsplit(".", 2)[0], ".".join(name.split(".")[-2:])
         targets = SLICES if layer.groups == len(SLICES) else (module,)
         for k, s in enumerate(layer.slices):
             yield block, targets[s], *layer.pair(k)
 
 
-def attach_adapter(model: GPT | Classifier, adapter: Adapter, name: str = "default", active: bool = True,
+def attach_adapter(model: GPT | Classifier, adapter: Adapter, index: int = 0, always: bool = True,
                    dtype: torch.dtype | None = None) -> None:
-    """Wrap each linear the adapter targets (of whatever kind: plain, packed, int8, int4, or already adapted)
-    in a LoRALinear called `name` holding the adapter's A and B, frozen; dtype: theirs (default fp32).
-    active: update every row when no route is set (core/lora.ROUTE); False: only rows routed to `name`."""
+    """Add the adapter, frozen, as adapter `index` of a LoRABank on each linear it targets (the linear, of
+    whatever kind, becomes the bank's base); its A and B in `dtype` (default fp32). always: it updates every
+    row of every forward; False: only the rows a route gives it (core/lora.ROUTE, multi-adapter serving)."""
     gpt = model.gpt if isinstance(model, Classifier) else model
-    if lora_layers(model, name):
-        raise UserError(f"the model already has an adapter called {name!r}")
+    lora, blocks = adapter.lora, {}
     for i in range(gpt.config.n_layer):
         for module in MODULES:
-            adapted = adapter.lora.adapts(f"h.{i}.{module}", gpt.config.family)
-            if adapted:
-                parent, _, child = f"h.{i}.{module}".rpartition(".")
-                holder = gpt.get_submodule(parent)
-                layer = LoRALinear(getattr(holder, child), adapter.lora, *adapted, name=name, active=active)
-                setattr(holder, child, layer.requires_grad_(False))
-    with torch.no_grad():
-        for block, target, *params in _pairs(model, name):
-            pair = adapter.pairs.get((block, target), {})
-            for ab, param in zip("AB", params):
-                t = pair.get(ab)
-                if t is None or t.shape != param.shape:
-                    got = "no tensor" if t is None else f"shape {tuple(t.shape)}"
-                    raise CheckpointError(f"{adapter.folder}: lora_{ab} of {block}.{target} has {got}; r={adapter.lora.r} "
-                                          f"({ADAPTER_CONFIG}) on this base needs {tuple(param.shape)}")
-                param.copy_(t)
-        if dtype is not None:
-            for layer in lora_layers(model, name).values():
-                layer.lora_A.data, layer.lora_B.data = layer.lora_A.to(dtype), layer.lora_B.to(dtype)
+            adapted = lora.adapts(f"h.{i}.{module}", gpt.config.family)
+            if not adapted:
+                continue
+            groups, slices = adapted
+            layer = gpt.get_submodule(f"h.{i}.{module}")
+            size = layer.out_features // groups
+            A, B = [], torch.zeros(layer.out_features, len(slices) * lora.r)
+            for k, s in enumerate(slices):
+                target = SLICES[s] if groups == len(SLICES) else module
+                a, b = (_tensor(adapter, f"h.{i}", target, ab, shape)
+                        for ab, shape in (("A", (lora.r, layer.in_features)), ("B", (size, lora.r))))
+                A.append(a)
+                B[s * size:(s + 1) * size, k * lora.r:(k + 1) * lora.r] = b * (lora.alpha / lora.r)
+            blocks[f"h.{i}.{module}"] = torch.cat(A), B
+    for path, (A, B) in blocks.items():
+        parent, _, child = path.rpartition(".")
+        holder = gpt.get_submodule(parent)
+        bank = getattr(holder, child)
+        if not isinstance(bank, LoRABank):
+            bank = LoRABank(bank)
+            setattr(holder, child, bank)
+        bank.add(index, A, B, always, dtype or torch.float32)
+
+
+def _tensor(adapter: Adapter, block: str, target: str, ab: str, shape: tuple[int, int]) -> torch.Tensor:
+    t = adapter.pairs.get((block, target), {}).get(ab)
+    if t is None or tuple(t.shape) != shape:
+        got = "no tensor" if t is None else f"shape {tuple(t.shape)}"
+        raise CheckpointError(f"{adapter.folder}: lora_{ab} of {block}.{target} has {got}; r={adapter.lora.r} "
+                              f"({ADAPTER_CONFIG}) on this base needs {shape}")
+    return t.float()
 
 
 def write_adapter(model: GPT | Classifier, folder: str | os.PathLike, base: str | None = None,
@@ -165,7 +175,7 @@ def write_adapter(model: GPT | Classifier, folder: str | os.PathLike, base: str 
     """The PEFT adapter folder of a model's LoRA layers (and a Classifier's score head, as modules_to_save),
     each file written atomically. base: the base model's name or path, recorded for peft; head: what a
     Classifier's outputs mean, written with `info` (e.g. best_step) to HEAD_FILE."""
-    layers = lora_layers(model, "default")
+    layers = lora_layers(model)
     if not layers:
         raise UserError("the model has no LoRA layers to save as an adapter")
     classifier = isinstance(model, Classifier)
@@ -209,11 +219,9 @@ def read_adapter_head(folder: str | os.PathLike) -> tuple[Head, dict] | None:
 
 
 def merged_state_dict(model: GPT | Classifier) -> dict[str, torch.Tensor]:
-    """The model's state dict with each LoRA update folded into its weight (no lora_A / lora_B)."""
+    """The model's state dict with each LoRA update (trained, or an attached adapter's) folded into its weight."""
     sd = model.state_dict()
-    for name, layer in lora_layers(model).items():
-        if name.endswith(".base"):
-            continue  # nested under another adapter, whose merged weight includes it
+    for name, layer in {**lora_layers(model), **lora_banks(model)}.items():
         for key in [k for k in sd if k.startswith(f"{name}.")]:
             del sd[key]
         sd[f"{name}.weight"] = layer.merged_weight().detach()

@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
@@ -105,8 +106,10 @@ class Echo:
 async def score_echo(s: ServerState, echo: list[Echo], top_n: int, adapter: str | None) -> None:
     """Score the prompts' tokens with kogpt eval's scoring (off the event loop), through `adapter`'s layers if
     one is named; the first token has none."""
+    ids = None if adapter is None else torch.tensor(s.gpt.adapter_index(adapter))
+
     def score():
-        with routed({adapter: slice(None)} if adapter else {}):
+        with routed(ids):
             return prompt_scores(s.gpt.model, [e.ids for e in echo], top_n)
 
     scores = await asyncio.to_thread(score)
