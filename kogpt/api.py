@@ -128,7 +128,7 @@ class KoGPT:
         """Load a model folder or hub id (optionally at a revision) with its tokenizer.
 
         adapter: a PEFT LoRA adapter folder (or bundled adapter, e.g. kogpt-mini-chat) applied without merging,
-        in any dtype (16-bit beside int8/int4 weights). name_or_path may itself be an adapter folder: its
+        in any dtype (int8 and int4 included). name_or_path may itself be an adapter folder: its
         adapter_config.json names the base. compile: decode with a torch.compile'd step (compiled_step.py; CUDA
         graphs on GPU). On CPU the eager step measured faster (docs/performance.md), so it is off by default.
         """
@@ -255,7 +255,8 @@ class KoGPT:
 
     def iter_completions(self, prompts: Sequence[str], *, stop: Sequence[str] = (), seed: int | None = None,
                          num_return_sequences: int = 1, bow=None, pplm: PPLMConfig | dict | None = None,
-                         speculate: int | None = None, adapter: str | None = None, **options) -> Iterator[tuple[int, str, Completion | None]]:
+                         speculate: int | None = None, adapter: str | None = None,
+                         **options) -> Iterator[tuple[int, str, Completion | None]]:
         """Yield (row, text piece, None) as text is produced, then (row, "", Completion) when a row ends.
 
         Rows are the prompts, each repeated num_return_sequences times, generated as one batch.

@@ -176,8 +176,8 @@ class LoRABank(nn.Module):
         self.Bt = torch.cat([self.Bt.to(dtype), B.t().to(self.Bt.device, dtype)])
         self.owner = torch.cat([self.owner, self.owner.new_full((A.size(0),), index)])
         self.always += (index,) if always else ()
-        every = bool(torch.isin(self.owner, torch.tensor(self.always, dtype=torch.long, device=self.owner.device)).all())
-        self.always_cols = None if every else torch.isin(self.owner, self.owner.new_tensor(self.always))
+        cols = torch.isin(self.owner, self.owner.new_tensor(self.always))
+        self.always_cols = None if bool(cols.all()) else cols
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
