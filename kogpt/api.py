@@ -182,11 +182,16 @@ class KoGPT:
             raise UserError(f"unknown adapter {adapter!r}; this model serves {known}")
         return list(self.adapters).index(adapter)
 
-    def adapter_hooks(self, adapter: str | None) -> list[UseAdapter]:
-        """The hook that makes one request use adapter `adapter` ([] for the base); UserError for an unknown name."""
+    def adapter_hooks(self, adapter: str | None, steered: bool = False) -> list[UseAdapter]:
+        """The hook that makes one request use adapter `adapter` ([] for the base); UserError for an unknown name,
+        or for steering on an added adapter (PPLM's own forwards would run through the base)."""
         if adapter is None or adapter == self.name:
             return []
-        return [UseAdapter(self.router, self.adapter_index(adapter))]
+        index = self.adapter_index(adapter)
+        if steered:
+            raise UserError(f"steering (bow) runs on the base model {self.name!r}, not on adapter {adapter!r}; "
+                            f"load the adapter with --adapter to steer it")
+        return [UseAdapter(self.router, index)]
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write an HF-format folder (config, safetensors, tokenizer, generation config)."""
@@ -271,8 +276,8 @@ class KoGPT:
         sampling, max_new, max_len = self.options(steering=bow is not None, **options)
         prompts = [p for p in prompts for _ in range(num_return_sequences)]
         encoded = [self.encode_prompt(p) for p in prompts]
+        self.adapter_hooks(adapter, steered=bow is not None)  # an unknown name fails before any work
         steerers = self.steerers(bow, pplm, len(prompts)) or [None] * len(prompts)
-        self.adapter_hooks(adapter)  # an unknown name fails before any work
         hooks = [[s for s in (steerer,) if s] + self.adapter_hooks(adapter) for steerer in steerers]
         rows = [TextStream(self.tokenizer, stop, e) for e in encoded]
         rng = None

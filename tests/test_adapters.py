@@ -147,8 +147,13 @@ def test_speculation_and_steering_with_adapters(served):
     gpt, alone = served
     prompt = ["오늘 날씨가 좋다. 오늘 날씨가 좋다. 오늘 날씨가"]
     assert greedy(gpt, prompt, adapter="a", speculate=4) == greedy(alone["a"], prompt)  # an adapter may draft
-    steered = gpt.generate(PROMPTS[0], adapter="b", bow=["날씨"], pplm={"stepsize": 0.05}, max_new_tokens=4, seed=0)
-    assert isinstance(steered, str)
+    with pytest.raises(UserError, match="steering"):  # PPLM's own forwards would run through the base
+        gpt.generate(PROMPTS[0], adapter="b", bow=["날씨"], max_new_tokens=4)
+    assert gpt.generate(PROMPTS[0], bow=["날씨"], pplm={"stepsize": 0.05}, max_new_tokens=4, seed=0)  # the base
+    always = alone["a"]  # an adapter loaded for every request is steered through its own layers
+    steered = always.generate(PROMPTS[0], bow=["날씨"], pplm={"stepsize": 1.0}, max_new_tokens=6, seed=0, top_k=10)
+    plain = always.generate(PROMPTS[0], bow=["날씨"], pplm={"stepsize": 0}, max_new_tokens=6, seed=0, top_k=10)
+    assert plain == alone["a"].generate(PROMPTS[0], max_new_tokens=6, seed=0, top_k=10) and steered != plain
 
 
 def test_add_adapter_refuses_what_it_cannot_serve(served, model_dir, tmp_path):
@@ -222,6 +227,8 @@ def test_server_lists_picks_and_batches_adapters(served):
         base = post(url, "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 0, "echo": True,
                                              "logprobs": 0}).json()["choices"][0]["logprobs"]["token_logprobs"]
         assert echo[0] is None and echo[1:] != base[1:]  # the prompt is scored through the adapter
+        r = post(url, "/v1/completions", {"model": "a", "prompt": "안녕", "max_tokens": 2, "bow": "sports"})
+        assert r.status_code == 400 and "steering" in r.json()["error"]["message"]
 
 
 def test_create_app_checks_the_chat_model(served):

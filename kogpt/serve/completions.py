@@ -183,10 +183,18 @@ def plan(s: ServerState, body, model: str, prompts: list[list[int]], stops: list
             budget = max_tokens
         for j in range(body.n):
             seed = None if body.seed is None else (body.seed + j) % (1 << 64)  # torch takes 64-bit seeds
-            hooks = ([] if steer is None else [steer[len(specs)]]) + gpt.adapter_hooks(s.adapter(model))
+            hooks = ([] if steer is None else [steer[len(specs)]]) + adapter_hooks(s, model, steer is not None)
             specs.append(SeqSpec(ids, budget, sampling, stops, seed, logprobs, tuple(hooks),
                                  gpt.speculate if body.speculate is None else body.speculate))
     return specs
+
+
+def adapter_hooks(s: ServerState, model: str, steered: bool) -> list:
+    """The hooks that run a sequence with served model `model`'s adapter, or the 400 for what cannot."""
+    try:
+        return s.gpt.adapter_hooks(s.adapter(model), steered)
+    except UserError as e:
+        raise APIError(400, str(e), "bow") from None
 
 
 def submit(s: ServerState, specs: list[SeqSpec]) -> Job:
