@@ -228,7 +228,8 @@ def test_bench_adds_llama_cpp_columns(tmp_path, fake_llama):
 @pytest.mark.parametrize("mode, reason", [("fail", "llama-bench exited 1: error: failed to load model"),
                                           ("garbage", "JSONDecodeError")])
 def test_a_failing_llama_bench_is_noted_in_the_row(gpt2_dir, fake_llama, monkeypatch, mode, reason):
-    from kogpt.apps.bench import format_table, measure_llama
+    from kogpt.apps.bench import format_table
+    from kogpt.apps.llamacpp import measure_llama
 
     monkeypatch.setenv("FAKE_MODE", mode)
     out = measure_llama(str(fake_llama), gpt2_dir, "bf16", repeats=1)
@@ -240,7 +241,8 @@ def test_a_failing_llama_bench_is_noted_in_the_row(gpt2_dir, fake_llama, monkeyp
 
 
 def test_a_crashing_llama_bench_is_rerun_without_extra_buffers(gpt2_dir, fake_llama, tmp_path, monkeypatch):
-    from kogpt.apps.bench import format_table, measure_llama
+    from kogpt.apps.bench import format_table
+    from kogpt.apps.llamacpp import measure_llama
 
     monkeypatch.setenv("FAKE_MODE", "crash")
     out = measure_llama(str(fake_llama), gpt2_dir, "int8", repeats=1)
@@ -275,7 +277,7 @@ def test_real_llama_bench_loads_and_runs_the_export(gpt2_dir, tmp_path, dtype):
 
 @pytest.mark.skipif(LLAMA_BENCH is None, reason="llama-bench not built or on PATH")
 def test_real_llama_bench_through_measure_llama(gpt2_dir):
-    from kogpt.apps.bench import measure_llama
+    from kogpt.apps.llamacpp import measure_llama
 
     out = measure_llama(LLAMA_BENCH, gpt2_dir, "int8", repeats=1, timeout=300)
     assert "llama_error" not in out, out

@@ -11,9 +11,10 @@ bytes a decode step reads, and the share of it each engine reaches. A second tab
 batch-1 step into its linear layers, timed alone (time_linears), and the rest: what kernels bound and
 what the per-token work around them costs.
 
-Given a llama.cpp `llama-bench` binary, GPT-2-family rows also carry llama.cpp's numbers on the GGUF
-export of the same weights (fp32 -> F32, bf16 -> BF16, fp16 -> F16, int8 -> Q8_0, int4 -> Q4_0): tg
-(batch-1 decode tokens/s) and pp (prompt tokens/s, as time to first token of the same long prompt).
+Given llama.cpp's `llama-bench` and/or `llama-batched-bench`, GPT-2-family rows also carry llama.cpp's
+numbers on the GGUF export of the same weights (fp32 -> F32, bf16 -> BF16, fp16 -> F16, int8 -> Q8_0,
+int4 -> Q4_0; llamacpp.py): batch-1 decode, time to first token of the same long prompt, and batch-8
+decode of the same 8 × 32-token prompts and new tokens.
 
     rows = run_bench(folder, dtypes=["fp32", "bf16", "int8"]); print(format_table(rows))
 """
@@ -24,15 +25,12 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-
-PROMPT, NEW, LONG = 32, 128, 512
+PROMPT, NEW, LONG = 32, 128, 512  # decode prompt, new tokens per sequence, TTFT prompt (capped by the context)
 _PEER_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the integer layouts: fp32
 
 
@@ -151,12 +149,11 @@ def measure_speed(folder: Path, dtype: str, repeats: int = 3, peer: bool = True,
     from ..core.dtypes import QUANTIZED
     from ..hf.folder import read_json
 
-    cfg = read_json(folder / "config.json")
-    vocab, ctx = cfg["vocab_size"], cfg.get("n_positions", 2048)
-    new = min(NEW, ctx - PROMPT)  # tiny test shapes have short contexts
+    vocab = read_json(folder / "config.json")["vocab_size"]
+    n_long, new = shape(folder)
     g = torch.Generator().manual_seed(0)
     ids1, ids8 = torch.randint(5, vocab, (1, PROMPT), generator=g), torch.randint(5, vocab, (8, PROMPT), generator=g)
-    long = torch.randint(5, vocab, (1, min(LONG, ctx - 1)), generator=g)
+    long = torch.randint(5, vocab, (1, n_long), generator=g)
     gen = _kogpt_generate
     if compile:
         from ..generation.compiled_step import CompiledStep
@@ -213,69 +210,30 @@ def measure_load(folder: Path, dtype: str, which: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def gguf_dtype(dtype: str) -> str:
-    """The GGUF type llama.cpp runs for a kogpt --dtype: its own 8- and 4-bit layouts for kogpt's int8 and int4."""
-    return {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "q8_0", "int8-dynamic": "q8_0"}.get(dtype, "q4_0")
-
-
-def _shape(folder: Path) -> tuple[int, int]:
-    # the prompt and new-token counts measure_speed uses for TTFT and decode, capped by the context
+def shape(folder: Path) -> tuple[int, int]:
+    """The TTFT prompt length and the new tokens per sequence, LONG and NEW capped by the context
+    (tiny test shapes have short ones)."""
     from ..hf.folder import read_json
 
     ctx = read_json(folder / "config.json").get("n_positions", 2048)
     return min(LONG, ctx - 1), min(NEW, ctx - PROMPT)
 
 
-def measure_llama(binary: str, folder: Path, dtype: str, repeats: int = 3, timeout: float = 3600) -> dict:
-    """llama.cpp's llama-bench on the GGUF export of `folder` (dtype as kogpt names it): `llama_b1`
-    (tg tokens/s), `llama_ttft` (prompt length / pp tokens/s), `llama_format` and llama-bench's build.
-    Any failure (export, exit status, timeout, output) comes back as {"llama_error": reason}.
-
-    If llama-bench is killed by a signal, it is run once more with `--repack 0` (no extra buffer
-    types): ggml's AMX Q8_0 matmul crashes on some AMX machines (SIGSEGV, llama.cpp issue #20824, or
-    SIGILL), and on x86 the flag changes nothing else for F32/F16/BF16/Q8_0 weights. The row then says so."""
-    from ..hf.gguf import write_gguf
-
-    fmt = gguf_dtype(dtype)
-    prompt, new = _shape(folder)
-    out: dict = {"llama_format": fmt}
-    try:
-        with tempfile.TemporaryDirectory(prefix="kogpt-gguf-") as tmp:
-            path = write_gguf(folder, Path(tmp) / f"model-{fmt}.gguf", fmt, tokenizer=False)
-            cmd = [binary, "-m", str(path), "-p", str(prompt), "-n", str(new), "-t", str(torch.get_num_threads()),
-                   "-r", str(repeats), "-o", "json"]
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-            if r.returncode < 0:
-                out["llama_note"] = f"killed by signal {-r.returncode} with default buffers; rerun with --repack 0"
-                r = subprocess.run(cmd + ["--repack", "0"], capture_output=True, text=True, timeout=timeout)
-        if r.returncode != 0:
-            last = (r.stderr.strip().splitlines() or [""])[-1]
-            return {**out, "llama_error": f"llama-bench exited {r.returncode}: {last}"[:300]}
-        tests = json.loads(r.stdout)
-        pp = next(t for t in tests if t["n_prompt"] == prompt and t["n_gen"] == 0)
-        tg = next(t for t in tests if t["n_gen"] == new and t["n_prompt"] == 0)
-        return {**out, "llama_b1": float(tg["avg_ts"]), "llama_ttft": prompt / float(pp["avg_ts"]),
-                "llama_build_commit": tests[0].get("build_commit"), "llama_build_number": tests[0].get("build_number")}
-    except subprocess.TimeoutExpired:
-        return {**out, "llama_error": f"llama-bench timed out after {timeout:.0f} s"}
-    except (OSError, ImportError, UserError, ValueError, KeyError, TypeError, StopIteration, ZeroDivisionError) as e:
-        # OSError: binary not runnable; ImportError: no gguf; UserError, ValueError: a failed export or
-        # bad JSON; the rest: JSON of an unexpected shape
-        return {**out, "llama_error": f"{type(e).__name__}: {e}"[:300]}
-
-
 def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, peer: bool = True,
-              log=print, llama_bench: str | None = None, compile: bool = False) -> list[dict]:
+              log=print, llama_bench: str | None = None, compile: bool = False,
+              llama_batched: str | None = None) -> list[dict]:
     """One row per dtype with kogpt and transformers numbers and their ratios (and llama.cpp's, when
-    `llama_bench` is the path of a llama-bench binary and the model is GPT-2 family); with compile, a
-    second row per float dtype for kogpt's torch.compile'd decode step against the same peer."""
+    `llama_bench` / `llama_batched` are the paths of llama-bench / llama-batched-bench and the model is
+    GPT-2 family); with compile, a second row per float dtype for kogpt's torch.compile'd decode step
+    against the same peer."""
     from ..core.dtypes import QUANTIZED
     from ..hf.folder import load_config
+    from .llamacpp import gguf_dtype, measure_llama
 
     rows, peer_speed, llama = [], {}, {}
-    if llama_bench and load_config(folder).family != "gpt2":
+    if (llama_bench or llama_batched) and load_config(folder).family != "gpt2":
         log("llama.cpp: GGUF export supports the GPT-2 family; skipped")
-        llama_bench = None
+        llama_bench = llama_batched = None
     log("memory bandwidth ...")
     bandwidth = measure_bandwidth()
     for dtype in dtypes:
@@ -298,17 +256,22 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
                 row[f"ratio_{k}"] = row[f"kogpt_{k}"] / row[f"hf_{k}"]
             for k in ("ttft", "load_s"):
                 row[f"ratio_{k}"] = row[f"kogpt_{k}"] / row[f"hf_{k}"]
-        if llama_bench:
+        if llama_bench or llama_batched:
             fmt = gguf_dtype(dtype)
             if fmt not in llama:  # int8 and int8-dynamic share one Q8_0 run, the int4 group sizes one Q4_0 run
-                log(f"[{dtype}] llama.cpp llama-bench ({fmt.upper()}) ...")
-                llama[fmt] = measure_llama(llama_bench, folder, dtype, repeats)
-                if "llama_error" in llama[fmt]:
-                    log(f"[{dtype}] llama.cpp failed: {llama[fmt]['llama_error']}")
+                tools = " and ".join(t for t, on in (("llama-bench", llama_bench),
+                                                     ("llama-batched-bench", llama_batched)) if on)
+                log(f"[{dtype}] llama.cpp {tools} ({fmt.upper()}) ...")
+                llama[fmt] = measure_llama(llama_bench, folder, dtype, repeats, batched=llama_batched)
+                for key in ("llama_error", "llama_b8_error"):
+                    if key in llama[fmt]:
+                        log(f"[{dtype}] llama.cpp failed: {llama[fmt][key]}")
             row.update(llama[fmt])
             if "llama_b1" in row:
                 row["ratio_llama_b1"] = row["kogpt_b1"] / row["llama_b1"]
                 row["ratio_llama_ttft"] = row["kogpt_ttft"] / row["llama_ttft"]
+            if "llama_b8" in row:
+                row["ratio_llama_b8"] = row["kogpt_b8"] / row["llama_b8"]
         rows.append(row)
         if compile and dtype not in QUANTIZED:  # int8 and int4 layers are opaque to torch.compile
             log(f"[{dtype} compiled] decode speed ...")
@@ -324,11 +287,16 @@ def run_bench(folder: Path, dtypes=("fp32", "bf16", "int8"), repeats: int = 3, p
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table: one line per dtype, kogpt / transformers and the ratio for each measure."""
+    from . import llamacpp
+
     head = ("| dtype | decode b1 tok/s (× hf) | roofline b1 tok/s: kogpt, hf | decode b8 tok/s (× hf) "
             "| TTFT 512 s (× hf) | load s (× hf) | peak RSS / weights |\n|---|---|---|---|---|---|---|")
     with_llama = any("llama_format" in r for r in rows)
+    batched = any("llama_b8" in r or "llama_b8_error" in r for r in rows)
     if with_llama:
-        head = head.replace(" |\n|", " | llama.cpp b1 tok/s (kogpt ×) | llama.cpp TTFT 512 s (kogpt ×) |\n|") + "---|---|"
+        b8 = " llama.cpp b8 tok/s (kogpt ×) |" if batched else ""
+        head = (head.replace(" |\n|", f" | llama.cpp b1 tok/s (kogpt ×) |{b8} llama.cpp TTFT 512 s (kogpt ×) |\n|")
+                + "---|---|" + "---|" * batched)
     lines = [head]
     for r in rows:
         def cell(k, fmt):
@@ -347,17 +315,12 @@ def format_table(rows: list[dict]) -> str:
         line = (f"| {name}{peer} | {cell('b1', '.1f')} | {roof} | {cell('b8', '.1f')} | {cell('ttft', '.3f')} "
                 f"| {cell('load_s', '.2f')} | {rss} |")
         if with_llama:
-            line += _llama_cells(r)
+            line += llamacpp.cells(r, batched)
         lines.append(line)
     if rows:
         lines.append(f"\nroofline: {rows[0]['bandwidth_gbs']:.1f} GB/s measured read bandwidth / weight bytes per "
                      "decode step (hf: of its own dtype's roofline)")
-    build = next((r for r in rows if r.get("llama_build_commit") is not None), None)
-    if build:
-        lines.append(f"llama.cpp: llama-bench build {build['llama_build_number']} ({build['llama_build_commit']}) on the "
-                     "GGUF export of the same weights; tg from an empty context, TTFT = prompt tokens / pp tok/s")
-    for fmt, note in dict.fromkeys((r["llama_format"], r["llama_note"]) for r in rows if "llama_note" in r):
-        lines.append(f"llama.cpp {fmt.upper()}: {note}")
+    lines += llamacpp.notes(rows)
     split = format_step_split(rows)
     return "\n".join(lines) + ("\n\n" + split if split else "")
 
@@ -375,13 +338,3 @@ def format_step_split(rows: list[dict]) -> str:
         lines.append(f"| {r['dtype']} | {step:.2f} | {lin:.2f} ({gbs:.1f}) | {step - lin:.2f} "
                      f"| {r['kogpt_linears_b1']:.1f} |")
     return "\n".join(lines) if len(lines) > 2 else ""
-
-
-def _llama_cells(r: dict) -> str:
-    if "llama_b1" in r:
-        fmt = r["llama_format"].upper()
-        return (f" {fmt}: {r['llama_b1']:.1f} ({r['ratio_llama_b1']:.2f}×) "
-                f"| {r['llama_ttft']:.3f} ({r['ratio_llama_ttft']:.2f}×) |")
-    if "llama_error" in r:
-        return f" failed ({r['llama_error'].replace('|', '/')[:80]}) | – |"
-    return " – | – |"
