@@ -1,5 +1,6 @@
 """The optional torch.compile'd decode step (kogpt/compiled_step.py): same tokens as the eager step,
-no recompiles when prompt lengths change, and the API/CLI switch. GPU (CUDA graphs) when there is one."""
+no recompiles when prompt lengths change, frozen weights on the CPU (and nowhere else), and the API/CLI switch.
+GPU (CUDA graphs) when there is one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
+from torch._inductor.utils import run_and_get_code
 
 from kogpt.api import KoGPT
 from kogpt.hf.load import load
@@ -44,6 +46,22 @@ def test_compiled_greedy_tokens_equal_the_eager_step(hf_dir):
         rows = [sorted((r, a.logits) for r, a in e.rows.items() if a.logits is not None) for e in engines]
         for (r0, l0), (r1, l1) in zip(*rows):
             assert r0 == r1 and torch.allclose(l0, l1, atol=1e-5)
+
+
+def test_the_cpu_step_freezes_its_weights_and_leaves_other_compiles_alone(hf_dir):
+    """Freezing (inductor packs the linears itself) and the C++ wrapper, set only around the step's own compile."""
+    model = load(hf_dir)
+    out, code = run_and_get_code(lambda: run(model, PROMPTS, 4, CompiledStep()))
+    assert out == generate_ids(model, PROMPTS, max_new_tokens=4)
+    assert "CppWrapperCodeCache" in code[0]  # the C++ wrapper
+    assert "mkl_linear" in code[0] or "_linear_pointwise" in code[0]  # fp32 weights packed (MKL or oneDNN)
+    assert not torch._inductor.config.freezing and not torch._inductor.config.cpp_wrapper
+    layer, x = torch.nn.Linear(4, 4), torch.randn(2, 4)  # another compile in the process: weights stay live
+    f = torch.compile(layer)
+    with torch.inference_mode():
+        y0 = f(x)
+        layer.weight.add_(1.0)
+        assert torch.allclose(f(x), y0 + x.sum(-1, keepdim=True))
 
 
 def test_new_prompt_lengths_do_not_recompile(hf_dir):

@@ -5,13 +5,19 @@ would make the compiler guard on and recompile for every length. This step inste
 new key/value at its length (kv_write, in place) and attends over all cache slots under a mask, so
 one decode token for every cache row is one graph: the cache length is marked dynamic (a new prompt
 length does not recompile; a new number of rows does). It reuses the model's own modules through a
-Cache of its own (core/kv_cache.py); the eager step stays the default. On a GPU it asks for CUDA
-graphs (`mode="reduce-overhead"`, the cache at a static address); that path has no GPU to run on here.
+Cache of its own (core/kv_cache.py); the eager step stays the default. On the CPU it compiles with
+inductor's freezing (the weights become constants: inductor packs the linears for oneDNN / MKL and fuses
+the small ops around them; a second, packed copy of the weights) and its C++ wrapper; both are set only
+around this step's own calls (dynamo reads freezing while tracing, so `torch.compile(options=...)` would
+not do). On a GPU it asks for CUDA graphs (`mode="reduce-overhead"`, the cache at a static address);
+that path has no GPU to run on here.
 
     engine = Engine(model, slots=4, step_fn=CompiledStep())
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -58,6 +64,8 @@ class CompiledStep:
 
     def __init__(self, mode: str | None = None, backend: str = "inductor"):
         self.fn = torch.compile(_step, mode=mode, backend=backend, fullgraph=True)
+        # made once: entering a reused patch costs ~10 µs a step; the settings are thread-local
+        self.cpu_config = torch._inductor.config.patch(freezing=True, cpp_wrapper=True)
 
     def __call__(self, model: GPT, tok: torch.Tensor, cache: KVCache, rows: slice) -> torch.Tensor:
         n = tok.size(0)
@@ -74,7 +82,8 @@ class CompiledStep:
             if t.is_cuda:
                 torch._dynamo.mark_static_address(t)  # CUDA graphs may then write it in place
         try:
-            logits = self.fn(model, tok, cache.k, cache.v, cache.lengths)
+            with self.cpu_config if not cache.k.is_cuda else contextlib.nullcontext():
+                logits = self.fn(model, tok, cache.k, cache.v, cache.lengths)
         except (torch._dynamo.exc.TorchDynamoException, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise UserError(f"--compile: torch.compile failed ({first}); run without --compile") from e
