@@ -141,7 +141,7 @@ class KoGPT:
         adapter = None if adapter is None else resolve(adapter)
         require_language_model(folder, str(name_or_path), "generate with (kogpt eval runs it)")
         device = device or default_device()
-        layout = Layout.parse(dtype, plain=compile)  # torch.compile traces nn.Linear, not packed or int8 layers
+        layout = Layout.parse(dtype, plain=compile)  # compiled over plain nn.Linear (docs/performance.md)
         model = load(folder, layout, device, adapter=adapter)
         if not isinstance(model, GPT):
             raise UserError(f"{adapter} is a classifier adapter: it has no language-model head to generate with")
@@ -163,6 +163,8 @@ class KoGPT:
         of a batch and updates only the rows that asked for it (generation/adapters.py)."""
         if not isinstance(name, str) or not name.strip() or name == self.name or name in self.adapters:
             raise UserError(f"adapter name {name!r} is empty or already taken (the base is {self.name!r})")
+        if isinstance(self.step_fn, CompiledStep):  # a compiled graph cannot see each forward's route
+            raise UserError("adapters added by name need the eager decode step; load the model without compile")
         if any(bank.always for bank in lora_banks(self.model).values()):
             raise UserError("this model was loaded with an adapter applied to every request; load the plain base "
                             "and add each adapter by name")

@@ -295,3 +295,6 @@ def test_a_compiled_step_applies_the_adapter(model_dir, tmp_path):
     compiled = KoGPT.from_pretrained(model_dir, device="cpu", compile=True, adapter=adapter)
     assert greedy(compiled, n=8) == greedy(KoGPT.from_pretrained(model_dir, device="cpu", dtype="fp32", adapter=adapter),
                                            n=8)
+    plain = KoGPT.from_pretrained(model_dir, device="cpu", compile=True)
+    with pytest.raises(UserError, match="eager decode step"):  # a compiled graph cannot route rows to adapters
+        plain.add_adapter("a", adapter)
