@@ -171,9 +171,9 @@ def classifier_head(args: argparse.Namespace, folder):
     return read_head(folder)[0] if is_classifier(folder) else None
 
 
-def load_classifier(args: argparse.Namespace, folder):
-    """(Classifier, Head, Tokenizer) of a classifier folder (or a base + classifier --adapter) for --device/--dtype,
-    with status lines on stderr."""
+def load_classifier(args: argparse.Namespace, folder, head):
+    """(Classifier, Tokenizer) of a classifier folder (or a base + classifier --adapter) whose Head is `head`
+    (classifier_head), for --device/--dtype, with status lines on stderr."""
     from ..api import default_device
     from ..hf.folder import CheckpointError
     from ..hf.hub import resolve
@@ -182,7 +182,6 @@ def load_classifier(args: argparse.Namespace, folder):
 
     _check_device(args)
     print(f"loading {args.model} (finetuned classifier) ...", file=sys.stderr, flush=True)
-    head = classifier_head(args, folder)
     adapter = resolve(args.adapter) if args.adapter else None
     model = load_folder(folder, args.dtype, args.device or default_device(), adapter=adapter)
     try:
@@ -193,4 +192,4 @@ def load_classifier(args: argparse.Namespace, folder):
     print(f"loaded {args.model}: {model.config.family} + {head.task or 'a'} head of {len(head.labels)} output(s), "
           f"{str(w.dtype).removeprefix('torch.')} on {w.device}" + (f", adapter {args.adapter}" if adapter else ""),
           file=sys.stderr, flush=True)
-    return model, head, tok
+    return model, tok

@@ -81,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
             if args.shots or args.fewshot_data or args.max_length:
                 raise UserError(f"{args.model} is a finetuned classifier: it uses its own head, so --shots, "
                                 f"--fewshot-data and --max-length do not apply")
-            check_head(classifier_head(args, folder), task, args.model)  # before the weights load
-            model, head, tok = load_classifier(args, folder)
+            head = classifier_head(args, folder)
+            check_head(head, task, args.model)  # before the weights load
+            model, tok = load_classifier(args, folder, head)
             result = evaluate_finetuned(model, head, tok, task, examples, batch_size=args.batch_size, name=args.model)
         else:
             gpt = load(args)

@@ -195,16 +195,15 @@ class LoRABank(nn.Module):
             h = h * mask
         return y + (h @ self.Bt).to(y.dtype)
 
-    def delta_weight(self, index: int) -> torch.Tensor:
-        """Adapter `index`'s update of the weight, (out, in) in fp32."""
-        cols = self.owner == index
+    def delta_weight(self, indices: tuple[int, ...]) -> torch.Tensor:
+        """The summed update of adapters `indices` to the weight, (out, in) in fp32."""
+        cols = torch.isin(self.owner, self.owner.new_tensor(indices))
         return self.Bt[cols].float().t() @ self.A[cols].float()
 
     def merged_weight(self) -> torch.Tensor:
         """The weight with the `always` adapters folded in, in the weight's dtype (a plain base only)."""
         w = self.base.weight
-        return (w.float() + sum((self.delta_weight(k) for k in self.always), torch.zeros_like(w, dtype=torch.float))
-                ).to(w.dtype)
+        return (w.float() + self.delta_weight(self.always)).to(w.dtype)
 
     @property
     def bias(self) -> torch.Tensor | None:

@@ -20,6 +20,7 @@ from ..fileio import read_json as _read_json
 from .convert import ConversionError, classifier_config_from_hf, config_from_hf, dropout_from_hf, is_classifier_config
 
 CONFIG_FILE = "config.json"
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder's config (hf/peft.py)
 FINETUNE_KEY = "kogpt_finetune"  # a classifier's config.json: {"task", "input_format", "seq_len", ...}
 
 

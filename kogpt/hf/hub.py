@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .folder import CONFIG_FILE, CheckpointError
+from .folder import ADAPTER_CONFIG, CONFIG_FILE, CheckpointError
 
 _HUB_METADATA = ["*.json", "*.txt", "*.model"]
-ADAPTER_FILE = "adapter_config.json"  # a PEFT adapter folder (hf/peft.py)
 BUNDLED = Path(__file__).resolve().parent.parent / "models"  # models shipped inside the package
 
 
@@ -21,7 +20,7 @@ def bundled_models() -> list[str]:
     """Names of the models and adapters installed with kogpt (folders under kogpt/models)."""
     if not BUNDLED.is_dir():
         return []
-    return sorted(p.name for p in BUNDLED.iterdir() if (p / CONFIG_FILE).exists() or (p / ADAPTER_FILE).exists())
+    return sorted(p.name for p in BUNDLED.iterdir() if (p / CONFIG_FILE).exists() or (p / ADAPTER_CONFIG).exists())
 
 
 def local_folder(name_or_path: str | os.PathLike) -> Path | None:

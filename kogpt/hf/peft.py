@@ -29,9 +29,8 @@ from ..core.model import GPT
 from ..errors import UserError
 from ..fileio import atomic_write, write_json
 from .convert import name_map
-from .folder import CheckpointError, read_json
+from .folder import ADAPTER_CONFIG, CONFIG_FILE, CheckpointError, read_json
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HEAD_FILE = "kogpt_finetune.json"  # a classifier adapter's Head: task, labels, seq_len, input_format, run info
 TASKS = {False: "CAUSAL_LM", True: "SEQ_CLS"}  # peft task_type of an LM / a sequence classifier
@@ -68,7 +67,7 @@ def adapter_base(folder: str | os.PathLike) -> str | None:
     """The base model an adapter folder names (base_model_name_or_path), when `folder` holds an adapter and no
     model of its own; else None."""
     folder = Path(folder)
-    if (folder / "config.json").exists() or not (folder / ADAPTER_CONFIG).is_file():
+    if (folder / CONFIG_FILE).exists() or not (folder / ADAPTER_CONFIG).is_file():
         return None
     base = read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
