@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from kogpt.api import KoGPT
 from kogpt.core import int4
@@ -64,6 +65,54 @@ def test_quantizing_in_row_blocks_packs_the_same_weights(monkeypatch):
     monkeypatch.setattr(int4, "ROWS", 64)  # the CPU packing's row blocks: 2 whole ones, then 32 rows
     blocks = Int4Linear.from_float(w, None)
     assert torch.equal(whole.qweight, blocks.qweight) and torch.equal(whole.scales_and_zeros, blocks.scales_and_zeros)
+
+
+def reference_from_float(weight: torch.Tensor, dtype: torch.dtype, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The oracle of the fast rounding: the (qweight, scales_and_zeros) of the first int4 code (issue 20), fp32
+    temporaries of 1024 rows at a time, int32 codes packed by the CPU kernel's op block by block."""
+    out, n_in = weight.shape
+    G = -(-n_in // group)
+    kernel = int4.kernel_for(weight.device, out, n_in, group)
+    packs, szs = [], []
+    for i in range(0, out, 1024):
+        w = weight[i:i + 1024].float()
+        wg = F.pad(w, (0, G * group - n_in)).view(w.size(0), G, group)
+        lo, hi = torch.aminmax(wg, dim=-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp_(min=1e-6).to(dtype)
+        zero = (lo + 8 * scale.float()).to(dtype)
+        q = ((wg - zero.float()) / scale.float() + 8).round_().clamp_(0, 15).to(torch.int32).view(w.size(0), -1)
+        szs.append(torch.cat((scale, zero), -1).transpose(0, 1))
+        packs.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1) if kernel == "cpu"
+                     else (q[:, 0::2] | q[:, 1::2] << 4).to(torch.uint8))
+    return torch.cat(packs), torch.cat(szs, 1)
+
+
+@pytest.mark.parametrize("out,n_in,group,wdtype,dtype", [
+    (1072, 256, 32, torch.bfloat16, torch.bfloat16),  # 8 blocks of 128 rows and a part block of 48 (3 x 16)
+    (2128, 128, 64, torch.bfloat16, torch.bfloat16),  # past the old 1024-row blocks; a last packing block of 16
+    (208, 384, 128, torch.float16, torch.bfloat16), (144, 96, 32, torch.float32, torch.bfloat16),
+    (96, 64, 32, torch.bfloat16, torch.float16), (96, 64, 32, torch.float16, torch.float16),
+    (100, 64, 32, torch.bfloat16, torch.bfloat16), (48, 70, 32, torch.bfloat16, torch.bfloat16),  # plain torch
+    (16, 100, 64, torch.float16, torch.bfloat16)])  # in_features padded to whole groups
+def test_fast_rounding_packs_the_bits_of_the_reference(out, n_in, group, wdtype, dtype):
+    torch.manual_seed(0)
+    w = torch.randn(out, n_in) * 0.02
+    w[1] = 0.37  # a constant row: hi == lo in every group, scale clamped to 1e-6
+    w[2, :group] = 0.0
+    w[3, -group:] = -1.5  # a constant group at the end (padded with zeros when n_in needs it)
+    w[4] *= 1e-6  # tiny ranges: the scale clamp
+    w[5] = torch.randint(0, 31, (n_in,)) * 0.03125  # groups from 0 to 0.9375: scale 1/16, zero 1/2, and each
+    w[5, 0::group], w[5, 1::group] = 0.0, 0.9375  # odd multiple of 1/32 a .5 tie (to even)
+    w[6] *= 1e3
+    w = w.to(wdtype)
+    packed, sz = reference_from_float(w, dtype, group)
+    before = w.clone()
+    layer = Int4Linear.from_float(w, None, dtype, group)
+    assert torch.equal(w, before)  # worked on in a copy, an fp32 weight too
+    assert layer.kernel == int4.kernel_for("cpu", out, n_in, group)
+    assert torch.equal(layer.qweight, packed) and torch.equal(layer.scales_and_zeros, sz)
+    q, sz2 = quantize_rows(w, group, dtype)
+    assert torch.equal(sz2, sz) and q.shape == (out, -(-n_in // group) * group)
 
 
 @torch.no_grad()
