@@ -76,6 +76,15 @@ def test_greedy_is_argmax_after_penalties(logits, ids):
     assert not S.SamplingConfig(temperature=0).do_sample  # temperature 0 means greedy
 
 
+def test_greedy_breaks_ties_to_the_first_id_as_argmax_does():
+    logits = torch.zeros(3, 51200)
+    logits[0, [7, 40000]] = 5.0  # a tie: the lower id wins, as argmax (and transformers' greedy) picks it
+    logits[1, [51199, 3]] = 2.0
+    logits[2] = torch.randn(51200, generator=torch.Generator().manual_seed(0))
+    picked = S.sample(logits, torch.empty(3, 0, dtype=torch.long), S.SamplingConfig(do_sample=False))
+    assert picked.tolist() == [7, 3, int(logits[2].argmax())] and torch.equal(picked, logits.argmax(-1))
+
+
 def test_sampling_is_seeded_and_respects_top_k(logits, ids):
     s = S.SamplingConfig(top_k=3)
     a = [S.sample(logits, ids, s, torch.Generator().manual_seed(7)) for _ in range(2)]

@@ -104,17 +104,23 @@ def process(logits: torch.Tensor, ids: torch.Tensor, s: SamplingConfig) -> torch
     return logits
 
 
+def first_max(x: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim, ties to the first index as argmax breaks them, through max's indices:
+    argmax is the slower reduction on the CPU (docs/performance.md, "The sampler's argmax")."""
+    return x.max(-1).indices
+
+
 def draw(probs: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
     """One id (B,) per row of probs (B, V), which need not sum to 1: argmax of p / E with E ~ Exp(1)
     (the exponential race; one pass over the vocabulary, much cheaper than torch.multinomial on CPU)."""
-    return (probs / torch.empty_like(probs).exponential_(1.0, generator=rng)).argmax(-1)
+    return first_max(probs / torch.empty_like(probs).exponential_(1.0, generator=rng))
 
 
 def sample(logits: torch.Tensor, ids: torch.Tensor, s: SamplingConfig,
            rng: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B,) from logits (B, V) given the ids so far (B, T)."""
     scores = process(logits, ids, s)
-    return draw(scores.softmax(-1), rng) if s.do_sample else scores.argmax(-1)
+    return draw(scores.softmax(-1), rng) if s.do_sample else first_max(scores)
 
 
 # -- processors ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .sampling import SamplingConfig, draw, process
+from .sampling import SamplingConfig, draw, first_max, process
 
 MAX_NGRAM = 3  # longest tail searched for; longer tails pick better continuations, rarer matches
 MIN_NGRAM = 1  # shortest tail that may still propose a draft
@@ -61,7 +61,7 @@ def verify(logits: torch.Tensor, history: Sequence[int], drafted: Sequence[int],
 
     for i, d in enumerate(drafted):
         if not s.do_sample:
-            best = int(scores(i).argmax())
+            best = int(first_max(scores(i)))
             if best != d:  # the first draft that is not the argmax: the argmax comes instead
                 return list(drafted[:i]) + [best]
             continue
@@ -69,4 +69,4 @@ def verify(logits: torch.Tensor, history: Sequence[int], drafted: Sequence[int],
         if float(torch.rand((), generator=rng, device=logits.device)) >= float(probs[0, d]):  # kept w.p. p(d)
             return list(drafted[:i]) + [int(draw(probs.index_fill(-1, seq.new_tensor([d]), 0.0), rng)[0])]
     last = scores(len(drafted))  # every draft kept: one more id after them
-    return list(drafted) + [int(draw(last.softmax(-1), rng)[0]) if s.do_sample else int(last.argmax())]
+    return list(drafted) + [int(draw(last.softmax(-1), rng)[0]) if s.do_sample else int(first_max(last))]
